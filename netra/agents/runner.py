@@ -1,0 +1,249 @@
+"""The agent loop: ask the model, run the tools it asks for, ask again.
+
+One :class:`AgentLoop` belongs to one run and dies with it. It emits the run's
+progress events through ``emit`` and keeps what the run produced (answer text,
+usage, tool calls) so that a run that fails or is cancelled can still record
+its partial answer.
+
+Failure is contained where it happens: a tool that raises, hangs past its
+timeout, or gets bad arguments is a failed tool result the model sees (the
+run goes on); a model failure ends the run with ``llm_error``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import attrs
+import trio
+
+from ..errors import LLMError, NetraError, ToolError
+from ..models.base import (
+    ChatMessage,
+    Model,
+    ModelRequest,
+    Reasoning,
+    TextChunk,
+    ToolCallRequest,
+    Usage,
+)
+from ..protocol import AgentThinking, RunEvent, TextDelta, ToolCompleted, ToolExecuting
+from ..store.base import ToolCallRecord
+from ..tools import Tool, ToolRegistry
+from .definition import Agent
+
+log = logging.getLogger("netra.agents")
+
+
+class OutputTooLarge(NetraError):
+    code = "too_large"
+
+
+@attrs.frozen(kw_only=True)
+class RunLimits:
+    max_steps: int
+    max_tool_calls: int
+    tool_timeout_s: float
+    first_chunk_timeout_s: float
+    idle_timeout_s: float
+    max_output_bytes: int
+    max_tool_result_bytes: int
+
+
+@attrs.define(eq=False, kw_only=True)
+class AgentLoop:
+    run_id: str
+    thread_id: str
+    message_id: str
+    agent: Agent
+    model: Model
+    tools: ToolRegistry
+    limits: RunLimits
+    emit: Callable[[RunEvent], Awaitable[None]]
+    model_limiter: trio.CapacityLimiter
+    tool_limiters: Mapping[str, trio.CapacityLimiter]
+    #: Observes each finished tool call (metrics); must not block.
+    on_tool_call: Callable[[ToolCallRecord, str], None] = lambda record, outcome: None
+
+    text_parts: list[str] = attrs.field(factory=list)
+    usage: dict[str, int] = attrs.field(factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
+    tool_calls: list[ToolCallRecord] = attrs.field(factory=list)
+    _output_bytes: int = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    async def execute(self, history: list[ChatMessage], user_text: str) -> str:
+        """Run the loop to a final answer and return it."""
+        messages = [
+            ChatMessage(role="system", content=self.agent.instructions),
+            *history,
+            ChatMessage(role="user", content=user_text),
+        ]
+        specs = self.tools.specs()
+        for step in range(1, self.limits.max_steps + 1):
+            calls, turn_text = await self._model_turn(messages, specs, step)
+            if not calls:
+                return self.text
+            messages.append(ChatMessage(role="assistant", content=turn_text or None, tool_calls=calls))
+            results: dict[str, ChatMessage] = {}
+            async with trio.open_nursery() as nursery:
+                for call in calls:
+                    nursery.start_soon(self._tool_call, call, results)
+            messages.extend(results[c.id] for c in calls)
+        raise LLMError(f"the agent did not finish within {self.limits.max_steps} model steps")
+
+    async def _model_turn(
+        self, messages: list[ChatMessage], specs: tuple[Any, ...], step: int
+    ) -> tuple[tuple[ToolCallRequest, ...], str]:
+        request = ModelRequest(messages=tuple(messages), tools=specs, model=self.agent.model)
+        calls: list[ToolCallRequest] = []
+        turn_text: list[str] = []
+        thought = False
+        async with self.model_limiter, self.model.stream(request) as events:
+            timeout = self.limits.first_chunk_timeout_s
+            while True:
+                with trio.move_on_after(timeout) as waited:
+                    event = await anext(events, None)
+                if waited.cancelled_caught:
+                    raise LLMError(f"the model sent nothing for {timeout:g}s")
+                if event is None:
+                    break
+                timeout = self.limits.idle_timeout_s
+                match event:
+                    case Reasoning(text=text):
+                        await self.emit(self._thinking(text, step))
+                        thought = True
+                    case TextChunk(text=text) if text:
+                        if not thought:  # every step is announced before its output
+                            await self.emit(self._thinking("", step))
+                            thought = True
+                        await self._text(text)
+                        turn_text.append(text)
+                    case ToolCallRequest():
+                        calls.append(event)
+                    case Usage(prompt_tokens=p, completion_tokens=c):
+                        self.usage["prompt_tokens"] += p
+                        self.usage["completion_tokens"] += c
+        if not thought:
+            await self.emit(self._thinking("", step))
+        return tuple(calls), "".join(turn_text)
+
+    def _thinking(self, text: str, step: int) -> AgentThinking:
+        return AgentThinking(
+            run_id=self.run_id, thread_id=self.thread_id, agent=self.agent.name, text=text, step=step
+        )
+
+    async def _text(self, text: str) -> None:
+        self._output_bytes += len(text.encode())
+        if self._output_bytes > self.limits.max_output_bytes:
+            raise OutputTooLarge(f"the answer exceeded {self.limits.max_output_bytes} bytes")
+        self.text_parts.append(text)
+        await self.emit(
+            TextDelta(run_id=self.run_id, thread_id=self.thread_id, message_id=self.message_id, delta=text)
+        )
+
+    async def _tool_call(self, call: ToolCallRequest, results: dict[str, ChatMessage]) -> None:
+        """Run one tool call. Never raises (but for cancellation): every
+        failure becomes a failed result, for the model and the client alike."""
+        tool = self.tools.get(call.name)
+        args: dict[str, Any] = {}
+        error: str | None = None
+        result: Any = None
+        try:
+            args = json.loads(call.arguments or "{}")
+            if not isinstance(args, dict):
+                args = {"_raw": call.arguments[:1000]}
+        except ValueError:
+            args = {"_raw": call.arguments[:1000]}
+        await self.emit(
+            ToolExecuting(
+                run_id=self.run_id, thread_id=self.thread_id, tool_call_id=call.id, tool=call.name, args=args
+            )
+        )
+        started = time.monotonic()
+        outcome = "ok"
+        try:
+            if tool is None:
+                raise ToolError(f"unknown tool {call.name!r} for agent {self.agent.name!r}")
+            if len(self.tool_calls) >= self.limits.max_tool_calls:
+                raise ToolError(f"tool call limit of {self.limits.max_tool_calls} reached; answer now")
+            result = await self._invoke(tool, call.arguments)
+        except trio.TooSlowError:
+            outcome, error = "timeout", f"{call.name} timed out"
+        except ToolError as exc:
+            outcome, error = "error", exc.message
+        except Exception as exc:  # a crashing tool is a failed call, seen only by its run
+            log.warning("tool %s raised", call.name, exc_info=True, extra={"run_id": self.run_id})
+            outcome, error = "error", f"{type(exc).__name__}: {exc}"[:1000]
+        except trio.Cancelled:
+            self.on_tool_call(self._record(call, args, None, "cancelled", started), "cancelled")
+            raise
+        record = self._record(call, args, result, error, started)
+        self.tool_calls.append(record)
+        self.on_tool_call(record, outcome)
+        await self.emit(
+            ToolCompleted(
+                run_id=self.run_id,
+                thread_id=self.thread_id,
+                tool_call_id=call.id,
+                tool=call.name,
+                duration_ms=record.duration_ms,
+                result=result,
+                error=error,
+            )
+        )
+        content = json.dumps({"error": error} if error is not None else result, default=str)
+        results[call.id] = ChatMessage(role="tool", content=content, tool_call_id=call.id, name=call.name)
+
+    async def _invoke(self, tool: Tool, raw_arguments: str) -> Any:
+        args = tool.parse_arguments(raw_arguments)
+        timeout = tool.timeout_s if tool.timeout_s is not None else self.limits.tool_timeout_s
+        limiter = self.tool_limiters.get(tool.name)
+        with trio.fail_after(timeout if math.isfinite(timeout) else math.inf):
+            if limiter is None:
+                result = await tool.invoke(args)
+            else:
+                async with limiter:
+                    result = await tool.invoke(args)
+        return _bounded(result, self.limits.max_tool_result_bytes)
+
+    def _record(
+        self, call: ToolCallRequest, args: dict[str, Any], result: Any, error: str | None, started: float
+    ) -> ToolCallRecord:
+        return ToolCallRecord(
+            id=call.id,
+            run_id=self.run_id,
+            name=call.name,
+            args=args,
+            result=result,
+            error=error,
+            duration_ms=round((time.monotonic() - started) * 1000),
+        )
+
+
+def _bounded(result: Any, limit: int) -> Any:
+    """Keep a tool result JSON-serialisable and within ``limit`` bytes."""
+    try:
+        text = json.dumps(result, default=str)
+    except (TypeError, ValueError):
+        text = json.dumps(str(result))
+        result = str(result)
+    if len(text) <= limit:
+        return json.loads(text) if not isinstance(result, (str, int, float, bool, type(None), dict, list)) else result
+    return {"truncated": True, "bytes": len(text), "preview": text[: min(limit, 4096)]}
+
+
+def agent_tools(agent: Agent, registry: ToolRegistry, extra: tuple[str, ...] = ()) -> ToolRegistry:
+    """The tools one agent may call: its own plus ``extra`` (e.g. chaos tools)."""
+    names = dict.fromkeys((*agent.tool_names(), *extra))
+    missing = [n for n in names if n not in registry]
+    if missing:
+        raise ValueError(f"agent {agent.name!r} names unknown tools: {', '.join(missing)}")
+    return ToolRegistry([registry[n] for n in names])

@@ -1,0 +1,182 @@
+"""The Hub: everything one netra server owns, built once by the app factory.
+
+Nothing in netra is module-level or global: configuration, keys, agents,
+tools, models, the store, limiters, the table of users and connections and
+the metrics all hang off the Hub, and each connection's own state hangs off
+its :class:`netra.session.Session` (and that session's nursery).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+import trio
+
+from . import __version__
+from .agents import AgentSet, builtin_agents
+from .agents.runner import RunLimits, agent_tools
+from .auth import TokenVerifier
+from .config import Config
+from .limits import BoundedMap, UserState
+from .metrics import Metrics
+from .models.base import Model
+from .models.scripted import ScriptedModel
+from .store.base import Store
+from .tools import ToolRegistry, builtin_tools, chaos_tools
+
+log = logging.getLogger("netra")
+
+
+@attrs.define(eq=False, kw_only=True)
+class Hub:
+    config: Config
+    verifier: TokenVerifier
+    agents: AgentSet
+    tools: ToolRegistry
+    model: Model
+    store: Store | None
+    metrics: Metrics = attrs.field(factory=Metrics)
+
+    run_limiter: trio.CapacityLimiter = attrs.field(init=False)
+    model_limiter: trio.CapacityLimiter = attrs.field(init=False)
+    tool_limiters: dict[str, trio.CapacityLimiter] = attrs.field(init=False)
+    agent_tools: dict[str, ToolRegistry] = attrs.field(init=False)
+    users: dict[str, UserState] = attrs.field(factory=dict)
+    sessions: set[Any] = attrs.field(factory=set)
+    queued_runs: int = 0
+    #: Accepted client message ids, (user, thread, id) -> run_id, when there is no store.
+    accepted_ids: BoundedMap = attrs.field(factory=lambda: BoundedMap(200_000))
+    #: Thread owners when there is no store (a store checks ownership itself).
+    thread_owners: BoundedMap = attrs.field(factory=lambda: BoundedMap(200_000))
+    draining: bool = False
+    store_ready: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        c = self.config
+        self.run_limiter = trio.CapacityLimiter(c.max_runs)
+        self.model_limiter = trio.CapacityLimiter(c.max_model_calls)
+        self.tool_limiters = {
+            t.name: trio.CapacityLimiter(t.concurrency) for t in self.tools.values() if t.concurrency
+        }
+        extra = tuple(t.name for t in chaos_tools()) if c.chaos_tools else ()
+        self.agent_tools = {a.name: agent_tools(a, self.tools, extra) for a in self.agents}
+
+    @classmethod
+    def build(
+        cls,
+        config: Config,
+        *,
+        agents: AgentSet | None = None,
+        model: Model | None = None,
+        store: Store | None | str = "config",
+        extra_tools: list[Any] = (),
+    ) -> Hub:
+        """Build a hub from config; tests and embedders may pass their own parts."""
+        if store == "config":
+            from .store import open_store
+
+            store = open_store(config)
+        agents = agents or _load_agents(config)
+        tools = [*builtin_tools(), *agents.inline_tools(), *extra_tools]
+        if config.chaos_tools:
+            tools.extend(chaos_tools())
+        return cls(
+            config=config,
+            verifier=TokenVerifier.from_config(config),
+            agents=agents,
+            tools=ToolRegistry(_dedupe(tools)),
+            model=model or _model_from_config(config),
+            store=store,
+        )
+
+    def run_limits(self, agent: Any) -> RunLimits:
+        c = self.config
+        return RunLimits(
+            max_steps=agent.max_steps or c.max_steps,
+            max_tool_calls=agent.max_tool_calls or c.max_tool_calls,
+            tool_timeout_s=c.tool_timeout_s,
+            first_chunk_timeout_s=c.model_first_chunk_timeout_s,
+            idle_timeout_s=c.model_idle_timeout_s,
+            max_output_bytes=c.max_output_bytes,
+            max_tool_result_bytes=c.max_tool_result_bytes,
+        )
+
+    def user(self, user_id: str) -> UserState:
+        state = self.users.get(user_id)
+        if state is None:
+            state = self.users[user_id] = UserState(
+                user_id=user_id, run_limiter=trio.CapacityLimiter(self.config.max_runs_per_user)
+            )
+        return state
+
+    def forget_user_if_idle(self, state: UserState) -> None:
+        if state.idle and self.users.get(state.user_id) is state:
+            del self.users[state.user_id]
+
+    def limits_advertised(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "max_message_bytes": c.max_message_bytes,
+            "max_text_chars": c.max_text_chars,
+            "rate_per_s": c.rate_per_s,
+            "rate_burst": c.rate_burst,
+            "max_connections_per_user": c.max_connections_per_user,
+            "max_runs_per_user": c.max_runs_per_user,
+            "max_runs_per_connection": c.max_runs_per_connection,
+            "max_queued_runs_per_user": c.max_queued_runs_per_user,
+            "run_timeout_s": c.run_timeout_s,
+            "max_steps": c.max_steps,
+            "max_tool_calls": c.max_tool_calls,
+            "tool_timeout_s": c.tool_timeout_s,
+            "max_output_bytes": c.max_output_bytes,
+            "slow_consumer_timeout_s": c.slow_consumer_timeout_s,
+            "heartbeat_interval_s": c.heartbeat_interval_s,
+            "auth_timeout_s": c.auth_timeout_s,
+            "default_multitask": c.default_multitask,
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """Live counts, for tests and /readyz: all zero when nothing runs."""
+        return {
+            "connections": len(self.sessions),
+            "users": len(self.users),
+            "runs_borrowed": self.run_limiter.borrowed_tokens,
+            "model_borrowed": self.model_limiter.borrowed_tokens,
+            "tools_borrowed": sum(lim.borrowed_tokens for lim in self.tool_limiters.values()),
+            "queued_runs": self.queued_runs,
+        }
+
+    @property
+    def version(self) -> str:
+        return __version__
+
+
+def _dedupe(tools: list[Any]) -> list[Any]:
+    seen: dict[str, Any] = {}
+    for t in tools:
+        if t.name in seen and seen[t.name] is not t:
+            raise ValueError(f"two different tools are named {t.name!r}")
+        seen[t.name] = t
+    return list(seen.values())
+
+
+def _load_agents(config: Config) -> AgentSet:
+    if not config.agents:
+        return builtin_agents()
+    from .loader import load_agents
+
+    return load_agents(config.agents)
+
+
+def _model_from_config(config: Config) -> Model:
+    match config.model:
+        case "scripted":
+            return ScriptedModel(delay_ms=config.scripted_delay_ms)
+        case "openai":
+            from .models.openai import from_config
+
+            return from_config(config)
+        case other:
+            raise ValueError(f"unknown model provider {other!r} (scripted or openai)")

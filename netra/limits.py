@@ -1,0 +1,138 @@
+"""Capacity and rate limits.
+
+Run capacity is three ``trio.CapacityLimiter`` layers acquired in order:
+per connection, per user (shared by all of that user's connections), global.
+A run beyond its user's cap waits in that user's limiter and never occupies a
+place in the global queue, so one user flooding cannot starve the others.
+Whether a run may wait at all is decided synchronously when its message
+arrives (queue caps), so a refused run gets ``busy`` before any event of it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Generic, TypeVar
+
+import attrs
+import trio
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+@attrs.define(eq=False)
+class TokenBucket:
+    """Message rate per connection: ``rate`` per second, bursts of ``burst``."""
+
+    rate: float
+    burst: int
+    _tokens: float = attrs.field(init=False)
+    _stamp: float = attrs.field(init=False)
+    #: Consecutive refusals (reset by an accepted message): sustained abuse.
+    refused_in_a_row: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self._tokens = float(self.burst)
+        self._stamp = trio.current_time()
+
+    def take(self) -> bool:
+        now = trio.current_time()
+        self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            self.refused_in_a_row = 0
+            return True
+        self.refused_in_a_row += 1
+        return False
+
+    def retry_after_ms(self) -> int:
+        return max(1, round((1.0 - self._tokens) / self.rate * 1000)) if self.rate > 0 else 1000
+
+
+@attrs.define(eq=False)
+class ThreadState:
+    """Runs of one thread: at most one executes; the others wait their turn."""
+
+    lock: trio.Lock = attrs.field(factory=trio.Lock)
+    active: Any = None  # the executing Run
+    waiting: list[Any] = attrs.field(factory=list)  # Runs waiting for the thread
+
+    @property
+    def busy(self) -> bool:
+        return self.active is not None or bool(self.waiting)
+
+
+@attrs.define(eq=False)
+class UserState:
+    """What one user holds across all their connections. Dropped when idle."""
+
+    user_id: str
+    run_limiter: trio.CapacityLimiter
+    connections: set[Any] = attrs.field(factory=set)
+    threads: dict[str, ThreadState] = attrs.field(factory=dict)
+    runs: set[Any] = attrs.field(factory=set)  # every live Run of this user
+    pending: int = 0  # runs accepted but waiting (thread or capacity)
+
+    @property
+    def idle(self) -> bool:
+        return not self.connections and not self.runs
+
+    def thread(self, thread_id: str) -> ThreadState:
+        state = self.threads.get(thread_id)
+        if state is None:
+            state = self.threads[thread_id] = ThreadState()
+        return state
+
+    def release_thread(self, thread_id: str) -> None:
+        state = self.threads.get(thread_id)
+        if state is not None and not state.busy and not state.lock.locked():
+            del self.threads[thread_id]
+
+
+@asynccontextmanager
+async def acquire_all(
+    owner: object, limiters: list[trio.CapacityLimiter], on_wait: Any
+) -> AsyncIterator[None]:
+    """Acquire ``limiters`` in order on behalf of ``owner``; before blocking on
+    one, ``await on_wait(limiter)`` (which announces the wait). Everything
+    acquired is released on exit, including after cancellation while waiting."""
+    held: list[trio.CapacityLimiter] = []
+    try:
+        for limiter in limiters:
+            try:
+                limiter.acquire_on_behalf_of_nowait(owner)
+            except trio.WouldBlock:
+                await on_wait(limiter)
+                await limiter.acquire_on_behalf_of(owner)
+            held.append(limiter)
+        yield
+    finally:
+        for limiter in reversed(held):
+            limiter.release_on_behalf_of(owner)
+
+
+def all_available(limiters: list[trio.CapacityLimiter]) -> bool:
+    return all(limiter.available_tokens > 0 for limiter in limiters)
+
+
+@attrs.define(eq=False)
+class BoundedMap(Generic[K, V]):
+    """A mapping that forgets its oldest entries past ``size`` (idempotency keys)."""
+
+    size: int
+    _data: OrderedDict[K, V] = attrs.field(factory=OrderedDict)
+
+    def get(self, key: K) -> V | None:
+        return self._data.get(key)
+
+    def __setitem__(self, key: K, value: V) -> None:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.size:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)

@@ -1,0 +1,109 @@
+"""Prometheus metrics, on a registry owned by the app (never the global one,
+so two servers in one process, as in tests, never share counters)."""
+
+from __future__ import annotations
+
+import attrs
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+def _registry_field(factory):
+    return attrs.field(init=False, default=attrs.Factory(factory, takes_self=True))
+
+
+@attrs.define(eq=False)
+class Metrics:
+    registry: CollectorRegistry = attrs.field(factory=lambda: CollectorRegistry(auto_describe=True))
+
+    connections_open: Gauge = _registry_field(
+        lambda s: Gauge("netra_connections_open", "Open WebSocket connections.", registry=s.registry)
+    )
+    connections_opened: Counter = _registry_field(
+        lambda s: Counter("netra_connections_opened", "Accepted WebSocket connections.", registry=s.registry)
+    )
+    connections_closed: Counter = _registry_field(
+        lambda s: Counter(
+            "netra_connections_closed", "Closed connections by close code.", ["code"], registry=s.registry
+        )
+    )
+    connections_refused: Counter = _registry_field(
+        lambda s: Counter(
+            "netra_connections_refused", "Upgrades refused before accept, by HTTP status.", ["status"],
+            registry=s.registry,
+        )
+    )
+    runs_active: Gauge = _registry_field(
+        lambda s: Gauge("netra_runs_active", "Runs executing now.", registry=s.registry)
+    )
+    runs_queued: Gauge = _registry_field(
+        lambda s: Gauge("netra_runs_queued", "Runs waiting for a thread or capacity.", registry=s.registry)
+    )
+    runs_finished: Counter = _registry_field(
+        lambda s: Counter(
+            "netra_runs_finished", "Finished runs by outcome and reason.", ["outcome", "reason"],
+            registry=s.registry,
+        )
+    )
+    run_duration: Histogram = _registry_field(
+        lambda s: Histogram(
+            "netra_run_duration_seconds", "Run duration from agent_started.", buckets=_LATENCY,
+            registry=s.registry,
+        )
+    )
+    time_to_first_event: Histogram = _registry_field(
+        lambda s: Histogram(
+            "netra_run_time_to_first_event_seconds", "Message received to first event of its run.",
+            buckets=_LATENCY, registry=s.registry,
+        )
+    )
+    tool_calls: Counter = _registry_field(
+        lambda s: Counter(
+            "netra_tool_calls", "Tool calls by tool and outcome.", ["tool", "outcome"], registry=s.registry
+        )
+    )
+    tool_duration: Histogram = _registry_field(
+        lambda s: Histogram(
+            "netra_tool_duration_seconds", "Tool call latency.", ["tool"], buckets=_LATENCY,
+            registry=s.registry,
+        )
+    )
+    model_tokens: Counter = _registry_field(
+        lambda s: Counter("netra_model_tokens", "Model tokens by kind.", ["kind"], registry=s.registry)
+    )
+    bad_frames: Counter = _registry_field(
+        lambda s: Counter("netra_bad_frames", "Refused client frames by error code.", ["code"], registry=s.registry)
+    )
+    slow_consumer_closes: Counter = _registry_field(
+        lambda s: Counter(
+            "netra_slow_consumer_closes", "Connections closed 4430 for not reading.", registry=s.registry
+        )
+    )
+    transport_aborts: Counter = _registry_field(
+        lambda s: Counter(
+            "netra_transport_aborts", "Sockets cut because a close could not be flushed in time.",
+            registry=s.registry,
+        )
+    )
+    outbox_depth: Histogram = _registry_field(
+        lambda s: Histogram(
+            "netra_outbox_depth", "Events queued for a connection when one is added.",
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=s.registry,
+        )
+    )
+    isolation_violations: Counter = _registry_field(
+        lambda s: Counter(
+            "netra_isolation_violations",
+            "Events dropped because the connection's user does not own their run (must stay 0).",
+            registry=s.registry,
+        )
+    )
+    limiter_waits: Counter = _registry_field(
+        lambda s: Counter(
+            "netra_limiter_waits", "Runs that waited for capacity, by limiter.", ["limiter"], registry=s.registry
+        )
+    )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

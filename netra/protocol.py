@@ -1,0 +1,320 @@
+"""netra wire protocol v1, as pure functions: text in, typed message out;
+typed event in, text out. No I/O happens here, so every rule of the contract
+can be tested without a socket.
+
+Wire names are ``Literal`` values and permanent: renaming one breaks clients
+nobody on the team wrote. ``ts`` is server time in integer epoch milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar, Final, Literal
+
+import attrs
+
+from .errors import BadRequest, TooLarge, UnknownType
+
+SUBPROTOCOL: Final = "netra.v1"
+
+Multitask = Literal["reject", "enqueue", "interrupt"]
+CancelReason = Literal["client", "interrupted", "disconnect", "shutdown", "timeout"]
+
+_MULTITASK: Final = ("reject", "enqueue", "interrupt")
+_MAX_ID_CHARS: Final = 128
+
+
+# --------------------------------------------------------------------------
+# client -> server
+
+
+@attrs.frozen(kw_only=True)
+class Auth:
+    type: ClassVar[Literal["auth"]] = "auth"
+    token: str = attrs.field(repr=False)
+    id: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class UserMessage:
+    type: ClassVar[Literal["user_message"]] = "user_message"
+    text: str
+    thread_id: str | None = None
+    agent: str | None = None
+    id: str | None = None
+    multitask: Multitask | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Cancel:
+    type: ClassVar[Literal["cancel"]] = "cancel"
+    run_id: str | None = None
+    thread_id: str | None = None
+    id: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Ping:
+    type: ClassVar[Literal["ping"]] = "ping"
+    id: str | None = None
+
+
+ClientMessage = Auth | UserMessage | Cancel | Ping
+
+
+def _opt_str(obj: dict[str, Any], key: str, *, ref: str | None, limit: int = _MAX_ID_CHARS) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise BadRequest(f"'{key}' must be a non-empty string of at most {limit} characters", ref=ref)
+    return value
+
+
+def parse_client_message(
+    data: str | bytes, *, max_bytes: int = 65536, max_text_chars: int = 32000
+) -> ClientMessage:
+    """Parse one client frame. Raises a NetraError whose ``extra['ref']`` is the
+    client's ``id`` when it could be read, so the answer can point at it."""
+    if isinstance(data, bytes):
+        raise BadRequest("frames must be JSON text, not binary")
+    if len(data) > max_bytes:  # characters <= bytes; the server also bounds bytes
+        raise TooLarge(f"frame larger than {max_bytes} bytes")
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        raise BadRequest("frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("frame must be a JSON object")
+    raw_id = obj.get("id")
+    ref = raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= _MAX_ID_CHARS else None
+    msg_id = _opt_str(obj, "id", ref=ref)
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise BadRequest("frame has no 'type'", ref=ref)
+    match kind:
+        case "auth":
+            token = obj.get("token")
+            if not isinstance(token, str) or not token:
+                raise BadRequest("'auth' needs a 'token' string", ref=ref)
+            return Auth(token=token, id=msg_id)
+        case "user_message":
+            text = obj.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise BadRequest("'user_message' needs a non-empty 'text' string", ref=ref)
+            if len(text) > max_text_chars:
+                raise TooLarge(f"'text' is longer than {max_text_chars} characters", ref=ref)
+            multitask = obj.get("multitask")
+            if multitask is not None and multitask not in _MULTITASK:
+                raise BadRequest("'multitask' must be reject, enqueue or interrupt", ref=ref)
+            return UserMessage(
+                text=text,
+                thread_id=_opt_str(obj, "thread_id", ref=ref),
+                agent=_opt_str(obj, "agent", ref=ref),
+                id=msg_id,
+                multitask=multitask,
+            )
+        case "cancel":
+            run_id = _opt_str(obj, "run_id", ref=ref)
+            thread_id = _opt_str(obj, "thread_id", ref=ref)
+            if run_id is None and thread_id is None:
+                raise BadRequest("'cancel' needs 'run_id' or 'thread_id'", ref=ref)
+            return Cancel(run_id=run_id, thread_id=thread_id, id=msg_id)
+        case "ping":
+            return Ping(id=msg_id)
+        case _:
+            raise UnknownType(f"unknown message type {kind[:40]!r}", ref=ref)
+
+
+# --------------------------------------------------------------------------
+# server -> client
+
+EventType = Literal[
+    "connected",
+    "run_queued",
+    "agent_started",
+    "agent_thinking",
+    "tool_executing",
+    "tool_completed",
+    "text_delta",
+    "agent_completed",
+    "agent_error",
+    "agent_cancelled",
+    "error",
+    "pong",
+]
+
+#: The events that end a run. Exactly one per run, and nothing after it.
+TERMINAL: Final = frozenset({"agent_completed", "agent_error", "agent_cancelled"})
+
+
+@attrs.frozen(kw_only=True)
+class Connected:
+    type: ClassVar[Literal["connected"]] = "connected"
+    connection_id: str
+    user_id: str
+    limits: dict[str, Any]
+    server_version: str
+    protocol: str = SUBPROTOCOL
+
+
+@attrs.frozen(kw_only=True)
+class RunEvent:
+    """Base of every run-scoped event: all carry ``run_id`` and ``thread_id``."""
+
+    type: ClassVar[str]
+    run_id: str
+    thread_id: str
+
+
+@attrs.frozen(kw_only=True)
+class RunQueued(RunEvent):
+    type: ClassVar[Literal["run_queued"]] = "run_queued"
+    position: int
+    ref: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class AgentStarted(RunEvent):
+    type: ClassVar[Literal["agent_started"]] = "agent_started"
+    agent: str
+    message_id: str
+    ref: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class AgentThinking(RunEvent):
+    type: ClassVar[Literal["agent_thinking"]] = "agent_thinking"
+    agent: str
+    text: str
+    step: int
+
+
+@attrs.frozen(kw_only=True)
+class ToolExecuting(RunEvent):
+    type: ClassVar[Literal["tool_executing"]] = "tool_executing"
+    tool_call_id: str
+    tool: str
+    args: dict[str, Any]
+
+
+@attrs.frozen(kw_only=True)
+class ToolCompleted(RunEvent):
+    type: ClassVar[Literal["tool_completed"]] = "tool_completed"
+    tool_call_id: str
+    tool: str
+    duration_ms: int
+    result: Any = None
+    error: str | None = None
+
+    def fields(self) -> dict[str, Any]:
+        out = attrs.asdict(self, recurse=False)
+        # exactly one of result / error is on the wire
+        if self.error is None:
+            del out["error"]
+        else:
+            del out["result"]
+        return out
+
+
+@attrs.frozen(kw_only=True)
+class TextDelta(RunEvent):
+    type: ClassVar[Literal["text_delta"]] = "text_delta"
+    message_id: str
+    delta: str
+
+
+@attrs.frozen(kw_only=True)
+class AgentCompleted(RunEvent):
+    type: ClassVar[Literal["agent_completed"]] = "agent_completed"
+    message_id: str
+    text: str
+    usage: dict[str, int]
+    duration_ms: int
+    agent: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class AgentError(RunEvent):
+    type: ClassVar[Literal["agent_error"]] = "agent_error"
+    code: str
+    message: str
+    retryable: bool
+
+
+@attrs.frozen(kw_only=True)
+class AgentCancelled(RunEvent):
+    type: ClassVar[Literal["agent_cancelled"]] = "agent_cancelled"
+    reason: CancelReason
+
+
+@attrs.frozen(kw_only=True)
+class Error:
+    type: ClassVar[Literal["error"]] = "error"
+    code: str
+    message: str
+    ref: str | None = None
+    retry_after_ms: int | None = None
+    run_id: str | None = None
+    thread_id: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Pong:
+    type: ClassVar[Literal["pong"]] = "pong"
+    id: str | None = None
+
+    def fields(self) -> dict[str, Any]:
+        return {"id": self.id}  # always present, null when the ping had none
+
+
+Event = (
+    Connected
+    | RunQueued
+    | AgentStarted
+    | AgentThinking
+    | ToolExecuting
+    | ToolCompleted
+    | TextDelta
+    | AgentCompleted
+    | AgentError
+    | AgentCancelled
+    | Error
+    | Pong
+)
+
+
+def event_fields(event: Event) -> dict[str, Any]:
+    """The event's own fields, without None-valued optional ones."""
+    custom = getattr(event, "fields", None)
+    if custom is not None:
+        return custom()
+    return {k: v for k, v in attrs.asdict(event, recurse=False).items() if v is not None}
+
+
+def encode_event(event: Event, *, seq: int, ts: int) -> str:
+    """Serialise one event with its per-connection ``seq`` and ``ts`` (epoch ms)."""
+    return json.dumps(
+        {"type": event.type, "seq": seq, "ts": ts, **event_fields(event)},
+        ensure_ascii=False,
+        separators=(",", ":"),
+        default=str,
+    )
+
+
+def error_event(exc: Exception, *, ref: str | None = None) -> Error:
+    """The ``error`` event answering a refused client message."""
+    from .errors import NetraError
+
+    if not isinstance(exc, NetraError):
+        return Error(code="internal", message="internal error", ref=ref)
+    extra = dict(exc.extra)
+    ref = extra.pop("ref", None) or ref
+    return Error(
+        code=exc.code,
+        message=exc.message,
+        ref=ref,
+        retry_after_ms=extra.get("retry_after_ms"),
+        run_id=extra.get("run_id"),
+        thread_id=extra.get("thread_id"),
+    )

@@ -1,0 +1,61 @@
+"""The threads API: read back and delete stored conversations.
+
+Authenticated with the same JWT as ``/ws`` (``Authorization: Bearer``); a user
+only ever sees their own threads, and a thread of someone else is answered
+exactly like one that does not exist (404).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from quart import jsonify, request
+from quart_trio import QuartTrio
+
+from ..auth import Identity, bearer_token
+from ..errors import NetraError, NotFound, StoreError, Unauthorized
+from ..hub import Hub
+
+_STATUS = {Unauthorized: 401, NotFound: 404, StoreError: 503}
+
+
+def register_api(app: QuartTrio, hub: Hub) -> None:
+    def identify() -> Identity:
+        token = bearer_token([(b"authorization", request.headers.get("authorization", "").encode())])
+        if not token:
+            raise Unauthorized("missing bearer token")
+        return hub.verifier.verify(token)
+
+    def store():
+        if hub.store is None:
+            raise NotFound("this server keeps no history (no store configured)")
+        return hub.store
+
+    @app.errorhandler(NetraError)
+    async def netra_error(exc: NetraError) -> Any:
+        status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 400)
+        return jsonify(code=exc.code, message=exc.message), status
+
+    @app.get("/api/threads")
+    async def list_threads() -> Any:
+        who = identify()
+        limit = min(max(int(request.args.get("limit", 100)), 1), 500)
+        threads = await store().list_threads(who.user_id, limit=limit)
+        return jsonify(threads=[attrs.asdict(t) for t in threads])
+
+    @app.get("/api/threads/<thread_id>")
+    async def get_thread(thread_id: str) -> Any:
+        who = identify()
+        thread, messages, runs = await store().get_thread(who.user_id, thread_id)
+        return jsonify(
+            thread=attrs.asdict(thread),
+            messages=[attrs.asdict(m) for m in messages],
+            runs=[attrs.asdict(r) for r in runs],
+        )
+
+    @app.delete("/api/threads/<thread_id>")
+    async def delete_thread(thread_id: str) -> Any:
+        who = identify()
+        await store().delete_thread(who.user_id, thread_id)
+        return "", 204

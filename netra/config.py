@@ -107,7 +107,7 @@ class Config:
     close_timeout_s: float = _doc(
         "Time given to flush events and a close frame before the socket is cut.", default=2.0
     )
-    heartbeat_interval_s: float = _doc("Server ping interval.", default=20.0)
+    heartbeat_interval_s: float = _doc("Server ping interval; 0 disables the heartbeat.", default=20.0)
     heartbeat_timeout_s: float = _doc(
         "A peer silent for interval + timeout is treated as gone.", default=20.0
     )

@@ -50,6 +50,8 @@ class Hub:
     accepted_ids: BoundedMap = attrs.field(factory=lambda: BoundedMap(200_000))
     #: Thread owners when there is no store (a store checks ownership itself).
     thread_owners: BoundedMap = attrs.field(factory=lambda: BoundedMap(200_000))
+    #: Tools every agent may call besides its own (chaos tools, tools given to build()).
+    shared_tools: tuple[str, ...] = ()
     draining: bool = False
     store_ready: bool = True
 
@@ -60,7 +62,7 @@ class Hub:
         self.tool_limiters = {
             t.name: trio.CapacityLimiter(t.concurrency) for t in self.tools.values() if t.concurrency
         }
-        extra = tuple(t.name for t in chaos_tools()) if c.chaos_tools else ()
+        extra = (*self.shared_tools, *(t.name for t in chaos_tools())) if c.chaos_tools else self.shared_tools
         self.agent_tools = {a.name: agent_tools(a, self.tools, extra) for a in self.agents}
 
     @classmethod
@@ -71,13 +73,16 @@ class Hub:
         agents: AgentSet | None = None,
         model: Model | None = None,
         store: Store | None | str = "config",
-        extra_tools: list[Any] = (),
+        extra_tools: Any = (),
     ) -> Hub:
         """Build a hub from config; tests and embedders may pass their own parts."""
         if store == "config":
-            from .store import open_store
+            if (config.database_url or "").lower() == "none":
+                store = None
+            else:
+                from .store import open_store
 
-            store = open_store(config)
+                store = open_store(config)
         agents = agents or _load_agents(config)
         tools = [*builtin_tools(), *agents.inline_tools(), *extra_tools]
         if config.chaos_tools:
@@ -89,6 +94,7 @@ class Hub:
             tools=ToolRegistry(_dedupe(tools)),
             model=model or _model_from_config(config),
             store=store,
+            shared_tools=tuple(t.name for t in extra_tools),
         )
 
     def run_limits(self, agent: Any) -> RunLimits:

@@ -318,3 +318,39 @@ def error_event(exc: Exception, *, ref: str | None = None) -> Error:
         run_id=extra.get("run_id"),
         thread_id=extra.get("thread_id"),
     )
+
+
+_EVENT_CLASSES: Final[dict[str, type]] = {
+    cls.type: cls
+    for cls in (
+        Connected, RunQueued, AgentStarted, AgentThinking, ToolExecuting, ToolCompleted,
+        TextDelta, AgentCompleted, AgentError, AgentCancelled, Error, Pong,
+    )
+}
+
+
+@attrs.frozen(kw_only=True)
+class Received:
+    """A decoded server event with its envelope (``seq``, ``ts``) and the raw object."""
+
+    event: Event | None  # None for an event type this client does not know
+    seq: int
+    ts: int
+    raw: dict[str, Any]
+
+    @property
+    def type(self) -> str:
+        return self.raw.get("type", "")
+
+
+def decode_event(text: str) -> Received:
+    """Parse one server frame (the client side of :func:`encode_event`).
+    Unknown fields are ignored and unknown types give ``event=None``, so a
+    client keeps working when the server adds to the protocol."""
+    raw = json.loads(text)
+    cls = _EVENT_CLASSES.get(raw.get("type"))
+    event = None
+    if cls is not None:
+        names = {f.name for f in attrs.fields(cls)}
+        event = cls(**{k: v for k, v in raw.items() if k in names})
+    return Received(event=event, seq=raw.get("seq", 0), ts=raw.get("ts", 0), raw=raw)

@@ -32,8 +32,10 @@ def hypercorn_config(hub: Hub) -> HypercornConfig:
     hc.websocket_max_message_size = c.max_message_bytes
     # the heartbeat: hypercorn pings; a peer silent (no pong, no frame) for
     # interval + timeout hits the read timeout and is treated as gone
-    hc.websocket_ping_interval = c.heartbeat_interval_s
-    hc.read_timeout = int(c.heartbeat_interval_s + c.heartbeat_timeout_s)
+    # (hypercorn's ping task outlives a closed connection by up to one interval)
+    if c.heartbeat_interval_s > 0:
+        hc.websocket_ping_interval = c.heartbeat_interval_s
+        hc.read_timeout = max(1, round(c.heartbeat_interval_s + c.heartbeat_timeout_s))
     hc.graceful_timeout = c.close_timeout_s + 1
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")

@@ -22,14 +22,14 @@ from .server import Server
 TEST_SECRET = "netra-test-secret-0123456789abcdef"
 
 
-def test_config(**overrides: Any) -> Config:
+def config_for_tests(**overrides: Any) -> Config:
     base = dict(
         host="127.0.0.1",
         port=0,
         jwt_secret=TEST_SECRET,
         database_url="none",
         chaos_tools=True,
-        heartbeat_interval_s=30.0,
+        heartbeat_interval_s=0.0,  # see netra.server.hypercorn_config
     )
     base.update(overrides)
     return Config(**base)
@@ -37,7 +37,7 @@ def test_config(**overrides: Any) -> Config:
 
 @asynccontextmanager
 async def open_server(config: Config | None = None, **build: Any) -> AsyncIterator[Server]:
-    hub = Hub.build(config or test_config(), **build)
+    hub = Hub.build(config or config_for_tests(), **build)
     async with trio.open_nursery() as nursery:
         server = await nursery.start(Server(hub).run)
         try:

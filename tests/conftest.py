@@ -1,6 +1,46 @@
+"""Shared fixtures: a real netra server on an ephemeral loopback port."""
+
+from __future__ import annotations
+
 import pytest
+import trio
+
+from netra.testing import open_server, config_for_tests
 
 
 @pytest.fixture
-def anyio_backend():  # some plugins ask; netra runs on trio only
-    return "trio"
+async def server():
+    async with open_server(config_for_tests()) as running:
+        yield running
+
+
+def netra_tasks() -> list[str]:
+    """Names of live tasks that belong to a netra connection or run."""
+    names: list[str] = []
+
+    def walk(task: trio.lowlevel.Task) -> None:
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                names.append(child.name)
+                walk(child)
+
+    walk(trio.lowlevel.current_root_task())
+    return [n for n in names if n.startswith(("netra.session", "netra.runs"))]
+
+
+async def settle(hub, *, timeout: float = 5.0) -> None:
+    """Wait until the hub holds nothing: no runs, no borrowed capacity, no
+    connection tasks. Fails (TooSlowError) if that never happens."""
+    with trio.fail_after(timeout):
+        while True:
+            snap = hub.snapshot()
+            if (
+                snap["runs_borrowed"] == 0
+                and snap["queued_runs"] == 0
+                and snap["connections"] == 0
+                and snap["tools_borrowed"] == 0
+                and snap["model_borrowed"] == 0
+                and not netra_tasks()
+            ):
+                return
+            await trio.sleep(0.01)

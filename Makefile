@@ -1,0 +1,47 @@
+# netra: `make run` starts a server on its embedded defaults; `make test` runs the tests.
+# Both create the virtual environment (.venv) on first use.
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: run test test-fast bench chat token lint clean help
+
+help:
+	@echo "make run     - install (first time) and start netra on http://$(HOST):$(PORT)"
+	@echo "make test    - install (first time) and run the whole test suite"
+	@echo "make bench   - run the benchmarks (see bench/README.md)"
+	@echo "make chat    - terminal chat against a running server (TOKEN=...)"
+	@echo "make clean   - remove the virtual environment and local data"
+
+$(STAMP): pyproject.toml
+	@set -e; \
+	if [ ! -x "$(PY)" ]; then \
+		python=$$(sh .ci/find-python); \
+		echo "creating $(VENV) with $$python"; \
+		"$$python" -m venv "$(VENV)"; \
+	fi; \
+	"$(PY)" -m pip install --quiet --disable-pip-version-check --upgrade pip; \
+	"$(PY)" -m pip install --quiet --disable-pip-version-check -e '.[test]'; \
+	touch "$(STAMP)"
+
+run: $(STAMP)
+	$(VENV)/bin/netra serve --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not browser and not postgres" -x -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+chat: $(STAMP)
+	$(VENV)/bin/netra chat --url ws://$(HOST):$(PORT)/ws --token "$(TOKEN)"
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

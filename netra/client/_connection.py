@@ -1,0 +1,210 @@
+"""The Python client: script netra in a few lines.
+
+::
+
+    async with netra.client.connect(url, token) as conn:
+        async for event in conn.run("what is [[tool:calculator {\\"expression\\": \\"6*7\\"}]]"):
+            print(event.type)
+
+One reader task per connection receives every frame, checks ``seq``, and
+routes run events to the ``run`` call that started them (matched first by
+the message ``id`` echoed as ``ref``, then by ``run_id``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+import trio_websocket
+
+from ..protocol import SUBPROTOCOL, TERMINAL, Received, decode_event
+
+
+class ClientError(Exception):
+    """Base of the client's errors."""
+
+
+class RunRefused(ClientError):
+    """The server answered the message with an ``error``: no run started."""
+
+    def __init__(self, code: str, message: str, raw: dict[str, Any]) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.raw = raw
+
+
+class ConnectionClosed(ClientError):
+    """The connection ended; ``code`` is the WebSocket close code."""
+
+    def __init__(self, code: int | None, reason: str | None) -> None:
+        super().__init__(f"connection closed ({code}: {reason})")
+        self.code = code
+        self.reason = reason
+
+
+@attrs.define(eq=False)
+class Connection:
+    ws: trio_websocket.WebSocketConnection
+    connected: dict[str, Any]
+    #: Every received event in order, when ``record=True`` (tests, debugging).
+    received: list[Received] | None = None
+    last_seq: int = 1
+    _by_ref: dict[str, trio.MemorySendChannel[Received]] = attrs.field(factory=dict)
+    _by_run: dict[str, trio.MemorySendChannel[Received]] = attrs.field(factory=dict)
+    _pongs: dict[str, trio.Event] = attrs.field(factory=dict)
+    closed: ConnectionClosed | None = None
+    _closed_event: trio.Event = attrs.field(factory=trio.Event)
+
+    @property
+    def user_id(self) -> str:
+        return self.connected["user_id"]
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.ws.send_message(json.dumps(message))
+
+    async def run(
+        self,
+        text: str,
+        *,
+        thread_id: str | None = None,
+        agent: str | None = None,
+        id: str | None = None,
+        multitask: str | None = None,
+    ) -> AsyncIterator[Received]:
+        """Send a message and yield its run's events up to the terminal one.
+        Raises RunRefused if the server refuses it, ConnectionClosed if the
+        connection ends first."""
+        msg_id = id or uuid.uuid4().hex
+        send, recv = trio.open_memory_channel[Received](math.inf)
+        self._by_ref[msg_id] = send
+        message: dict[str, Any] = {"type": "user_message", "text": text, "id": msg_id}
+        for key, value in (("thread_id", thread_id), ("agent", agent), ("multitask", multitask)):
+            if value is not None:
+                message[key] = value
+        try:
+            await self.send(message)
+            async with recv:
+                async for received in recv:
+                    if received.type == "error":
+                        raw = received.raw
+                        raise RunRefused(raw.get("code", ""), raw.get("message", ""), raw)
+                    yield received
+                    if received.type in TERMINAL:
+                        return
+            raise self.closed or ConnectionClosed(None, "closed")
+        finally:
+            self._by_ref.pop(msg_id, None)
+
+    async def collect(self, text: str, **kwargs: Any) -> list[Received]:
+        """All events of one run, as a list."""
+        return [e async for e in self.run(text, **kwargs)]
+
+    async def cancel(self, *, run_id: str | None = None, thread_id: str | None = None) -> None:
+        await self.send({"type": "cancel", "run_id": run_id, "thread_id": thread_id})
+
+    async def ping(self) -> float:
+        """Round trip time in seconds."""
+        ping_id = uuid.uuid4().hex
+        done = self._pongs[ping_id] = trio.Event()
+        start = trio.current_time()
+        await self.send({"type": "ping", "id": ping_id})
+        await done.wait()
+        return trio.current_time() - start
+
+    async def refresh(self, token: str) -> None:
+        await self.send({"type": "auth", "token": token})
+
+    async def wait_closed(self) -> ConnectionClosed:
+        await self._closed_event.wait()
+        assert self.closed is not None
+        return self.closed
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                received = decode_event(await self.ws.get_message())
+                if received.seq != self.last_seq + 1:
+                    raise ClientError(f"seq gap: {self.last_seq} then {received.seq}")
+                self.last_seq = received.seq
+                if self.received is not None:
+                    self.received.append(received)
+                self._route(received)
+        except trio_websocket.ConnectionClosed as exc:
+            self.closed = ConnectionClosed(exc.reason.code, exc.reason.reason)
+        finally:
+            if self.closed is None:
+                self.closed = ConnectionClosed(None, "reader stopped")
+            for channel in [*self._by_ref.values(), *self._by_run.values()]:
+                channel.close()
+            for done in self._pongs.values():
+                done.set()
+            self._closed_event.set()
+
+    def _route(self, received: Received) -> None:
+        raw = received.raw
+        kind = received.type
+        if kind == "pong":
+            done = self._pongs.pop(raw.get("id") or "", None)
+            if done is not None:
+                done.set()
+            return
+        ref, run_id = raw.get("ref"), raw.get("run_id")
+        channel = None
+        if run_id is not None:
+            channel = self._by_run.get(run_id)
+            if channel is None and ref in self._by_ref:
+                channel = self._by_run[run_id] = self._by_ref[ref]
+        if kind == "error" and ref in self._by_ref:
+            self._by_ref[ref].send_nowait(received)
+            self._by_ref.pop(ref).close()
+            return
+        if channel is not None:
+            channel.send_nowait(received)
+            if kind in TERMINAL:
+                self._by_run.pop(run_id, None)
+
+
+@asynccontextmanager
+async def connect(
+    url: str,
+    token: str,
+    *,
+    auth: str = "header",
+    record: bool = False,
+    connect_timeout: float = 10.0,
+    extra_headers: list[tuple[str, str]] | None = None,
+) -> AsyncIterator[Connection]:
+    """Open an authenticated connection (token in the ``Authorization`` header,
+    or with ``auth="frame"`` in a first ``auth`` frame, as browsers do)."""
+    headers = list(extra_headers or [])
+    if auth == "header":
+        headers.append(("Authorization", f"Bearer {token}"))
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(connect_timeout):
+            ws = await trio_websocket.connect_websocket_url(
+                nursery, url, subprotocols=[SUBPROTOCOL], extra_headers=headers
+            )
+            if auth == "frame":
+                await ws.send_message(json.dumps({"type": "auth", "token": token}))
+            try:
+                first = decode_event(await ws.get_message())
+            except trio_websocket.ConnectionClosed as exc:
+                raise ConnectionClosed(exc.reason.code, exc.reason.reason) from None
+        if first.type != "connected":
+            await ws.aclose()
+            raise ClientError(f"expected 'connected', got {first.type!r}")
+        conn = Connection(ws=ws, connected=first.raw, received=[first] if record else None)
+        nursery.start_soon(conn._reader)
+        try:
+            yield conn
+        finally:
+            await ws.aclose()
+            nursery.cancel_scope.cancel()

@@ -20,12 +20,14 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from . import errors
 from .hub import Hub
+from .web import _hypercorn_fixes
 from .web.app import create_app
 
 log = logging.getLogger("netra")
 
 
 def hypercorn_config(hub: Hub) -> HypercornConfig:
+    _hypercorn_fixes.install()
     c = hub.config
     hc = HypercornConfig()
     hc.bind = [f"{c.host}:{c.port}"]
@@ -35,7 +37,7 @@ def hypercorn_config(hub: Hub) -> HypercornConfig:
     # (hypercorn's ping task outlives a closed connection by up to one interval)
     if c.heartbeat_interval_s > 0:
         hc.websocket_ping_interval = c.heartbeat_interval_s
-        hc.read_timeout = max(1, round(c.heartbeat_interval_s + c.heartbeat_timeout_s))
+        hc.read_timeout = c.heartbeat_interval_s + c.heartbeat_timeout_s
     hc.graceful_timeout = c.close_timeout_s + 1
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")

@@ -9,6 +9,7 @@ the edge; the token itself is never logged or echoed back.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -100,8 +101,8 @@ class TokenVerifier:
 
 def mint_token(secret: str, user_id: str, *, ttl_s: float = 3600.0, **claims: object) -> str:
     """An HS256 token for development and tests (``netra token``)."""
-    now = int(time.time())
-    payload = {"sub": user_id, "iat": now, "exp": now + int(ttl_s), **claims}
+    now = time.time()
+    payload = {"sub": user_id, "iat": int(now), "exp": math.ceil(now + ttl_s), **claims}
     return jwt.encode(payload, secret, algorithm="HS256")
 
 

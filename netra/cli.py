@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import secrets
 import sys
@@ -82,5 +83,5 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"  token (user dev-user, 24 h): {token}", file=sys.stderr)
             print(f"  try: netra chat --url {server.ws_url} --token {token}", file=sys.stderr, flush=True)
 
-    trio.run(serve_forever, hub, ready)
+    trio.run(functools.partial(serve_forever, hub, on_ready=ready))
     return 0

@@ -107,6 +107,7 @@ class Hub:
             idle_timeout_s=c.model_idle_timeout_s,
             max_output_bytes=c.max_output_bytes,
             max_tool_result_bytes=c.max_tool_result_bytes,
+            cancel_emit_timeout_s=c.close_timeout_s,
         )
 
     def user(self, user_id: str) -> UserState:

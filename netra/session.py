@@ -234,16 +234,6 @@ class Session:
                 return
             if self.closing:
                 return
-            if not self.bucket.take():
-                self.hub.metrics.bad_frames.labels("rate_limited").inc()
-                if self.bucket.refused_in_a_row >= c.rate_abuse_limit:
-                    self.close(errors.CLOSE_TOO_MANY, "message rate exceeded")
-                    return
-                await self.put(Error(
-                    code="rate_limited", message="too many messages; slow down",
-                    retry_after_ms=self.bucket.retry_after_ms(),
-                ))
-                continue
             try:
                 message = parse_client_message(frame, max_bytes=c.max_message_bytes, max_text_chars=c.max_text_chars)
             except NetraError as exc:
@@ -253,6 +243,16 @@ class Session:
                     self.close(errors.CLOSE_PROTOCOL_ABUSE, "too many bad frames")
                     return
                 await self.put(error_event(exc))
+                continue
+            if not self.bucket.take():
+                self.hub.metrics.bad_frames.labels("rate_limited").inc()
+                if self.bucket.refused_in_a_row >= c.rate_abuse_limit:
+                    self.close(errors.CLOSE_TOO_MANY, "message rate exceeded")
+                    return
+                await self.put(Error(
+                    code="rate_limited", message="too many messages; slow down",
+                    ref=getattr(message, "id", None), retry_after_ms=self.bucket.retry_after_ms(),
+                ))
                 continue
             try:
                 await self._dispatch(message)

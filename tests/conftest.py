@@ -31,7 +31,7 @@ def netra_tasks() -> list[str]:
 async def settle(hub, *, timeout: float = 5.0) -> None:
     """Wait until the hub holds nothing: no runs, no borrowed capacity, no
     connection tasks. Fails (TooSlowError) if that never happens."""
-    with trio.fail_after(timeout):
+    with trio.move_on_after(timeout):
         while True:
             snap = hub.snapshot()
             if (
@@ -44,3 +44,4 @@ async def settle(hub, *, timeout: float = 5.0) -> None:
             ):
                 return
             await trio.sleep(0.01)
+    raise AssertionError(f"the server did not settle: {hub.snapshot()} tasks={netra_tasks()}")

@@ -53,6 +53,8 @@ class RunLimits:
     idle_timeout_s: float
     max_output_bytes: int
     max_tool_result_bytes: int
+    #: How long a cancelled tool call may wait to report its tool_completed.
+    cancel_emit_timeout_s: float = 1.0
 
 
 @attrs.define(eq=False, kw_only=True)
@@ -183,22 +185,18 @@ class AgentLoop:
             log.warning("tool %s raised", call.name, exc_info=True, extra={"run_id": self.run_id})
             outcome, error = "error", f"{type(exc).__name__}: {exc}"[:1000]
         except trio.Cancelled:
-            self.on_tool_call(self._record(call, args, None, "cancelled", started), "cancelled")
+            # the run is being cancelled: the call still gets its tool_completed
+            # (bounded: on a gone or stuck connection the event is dropped)
+            record = self._record(call, args, None, "cancelled", started)
+            self.tool_calls.append(record)
+            self.on_tool_call(record, "cancelled")
+            with trio.CancelScope(shield=True), trio.move_on_after(self.limits.cancel_emit_timeout_s):
+                await self.emit(self._completed(call, record))
             raise
         record = self._record(call, args, result, error, started)
         self.tool_calls.append(record)
         self.on_tool_call(record, outcome)
-        await self.emit(
-            ToolCompleted(
-                run_id=self.run_id,
-                thread_id=self.thread_id,
-                tool_call_id=call.id,
-                tool=call.name,
-                duration_ms=record.duration_ms,
-                result=result,
-                error=error,
-            )
-        )
+        await self.emit(self._completed(call, record))
         content = json.dumps({"error": error} if error is not None else result, default=str)
         results[call.id] = ChatMessage(role="tool", content=content, tool_call_id=call.id, name=call.name)
 
@@ -213,6 +211,17 @@ class AgentLoop:
                 async with limiter:
                     result = await tool.invoke(args)
         return _bounded(result, self.limits.max_tool_result_bytes)
+
+    def _completed(self, call: ToolCallRequest, record: ToolCallRecord) -> ToolCompleted:
+        return ToolCompleted(
+            run_id=self.run_id,
+            thread_id=self.thread_id,
+            tool_call_id=call.id,
+            tool=call.name,
+            duration_ms=record.duration_ms,
+            result=record.result,
+            error=record.error,
+        )
 
     def _record(
         self, call: ToolCallRequest, args: dict[str, Any], result: Any, error: str | None, started: float

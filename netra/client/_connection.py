@@ -187,24 +187,44 @@ async def connect(
     headers = list(extra_headers or [])
     if auth == "header":
         headers.append(("Authorization", f"Bearer {token}"))
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(connect_timeout):
-            ws = await trio_websocket.connect_websocket_url(
-                nursery, url, subprotocols=[SUBPROTOCOL], extra_headers=headers
-            )
-            if auth == "frame":
-                await ws.send_message(json.dumps({"type": "auth", "token": token}))
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(connect_timeout):
+                try:
+                    ws = await trio_websocket.connect_websocket_url(
+                        nursery, url, subprotocols=[SUBPROTOCOL], extra_headers=headers
+                    )
+                    if auth == "frame":
+                        await ws.send_message(json.dumps({"type": "auth", "token": token}))
+                    first = decode_event(await ws.get_message())
+                except trio_websocket.ConnectionClosed as exc:
+                    raise ConnectionClosed(exc.reason.code, exc.reason.reason) from None
+            if first.type != "connected":
+                await ws.aclose()
+                raise ClientError(f"expected 'connected', got {first.type!r}")
+            conn = Connection(ws=ws, connected=first.raw, received=[first] if record else None)
+            nursery.start_soon(conn._reader)
             try:
-                first = decode_event(await ws.get_message())
-            except trio_websocket.ConnectionClosed as exc:
-                raise ConnectionClosed(exc.reason.code, exc.reason.reason) from None
-        if first.type != "connected":
-            await ws.aclose()
-            raise ClientError(f"expected 'connected', got {first.type!r}")
-        conn = Connection(ws=ws, connected=first.raw, received=[first] if record else None)
-        nursery.start_soon(conn._reader)
-        try:
-            yield conn
-        finally:
-            await ws.aclose()
-            nursery.cancel_scope.cancel()
+                yield conn
+            finally:
+                await ws.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _single(group) from None
+
+
+def _single(group: BaseExceptionGroup) -> BaseException:
+    """The one real exception of a nursery's group (callers of a client
+    library should not have to handle trio's exception groups)."""
+    rest = group.split(trio.Cancelled)[1]
+    leaves: list[BaseException] = []
+
+    def flatten(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                flatten(inner)
+        else:
+            leaves.append(exc)
+
+    flatten(rest if rest is not None else group)
+    return leaves[0] if len(leaves) == 1 else group

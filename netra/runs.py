@@ -21,7 +21,7 @@ import trio
 
 from .agents import Agent
 from .agents.runner import AgentLoop
-from .errors import InternalError, NetraError, RunTimeout, StoreError
+from .errors import InternalError, NetraError, RunTimeout
 from .limits import acquire_all
 from .models.base import ChatMessage
 from .protocol import AgentCancelled, AgentCompleted, AgentError, AgentStarted, Error, RunQueued
@@ -77,6 +77,7 @@ async def execute(session: Session, run: Run) -> None:
     loop: AgentLoop | None = None
     recorded = False
     failure: NetraError | None = None
+    completed: AgentCompleted | None = None
     started_at = time.time()
     exec_started: float | None = None
     try:
@@ -144,26 +145,39 @@ async def execute(session: Session, run: Run) -> None:
                         except trio.TooSlowError:
                             raise RunTimeout(f"the run exceeded its {timeout:g}s limit") from None
                         _count_tokens(session, loop)
-                        await session.emit(run, AgentCompleted(
+                        completed = AgentCompleted(
                             run_id=run.id, thread_id=run.thread_id, message_id=run.message_id,
                             text=text, usage=dict(loop.usage), agent=run.agent.name,
                             duration_ms=_ms_since(exec_started),
-                        ))
+                        )
             except NetraError as exc:
                 failure = exc
             except Exception:
                 log.exception("run %s failed unexpectedly", run.id)
                 failure = InternalError("internal error")
-        if run.cancel_scope.cancelled_caught and not run.finished:
+        # the outcome is stored before the terminal event is sent, so a client
+        # that reads the thread on agent_completed finds the answer there
+        if run.cancel_scope.cancelled_caught:
+            ending = "agent_cancelled"
+        elif failure is not None:
+            ending = "agent_error"
+        else:
+            ending = "agent_completed"
+        if recorded:
+            recorded = False
+            await _record_outcome(session, run, loop, failure, exec_started, ending)
+        if ending == "agent_cancelled":
             await session.emit(run, AgentCancelled(
                 run_id=run.id, thread_id=run.thread_id, reason=run.cancel_reason or "client"
             ))
-        elif failure is not None and not run.finished:
+        elif ending == "agent_error":
             await _report_failure(session, run, failure)
+        else:
+            await session.emit(run, completed)
     finally:
         session.run_ended(run, exec_started)
-        if recorded:
-            await _record_outcome(session, run, loop, failure, exec_started)
+        if recorded:  # torn down with its connection: no terminal event to send
+            await _record_outcome(session, run, loop, failure, exec_started, None)
 
 
 def _start_executing(session: Session, run: Run) -> None:
@@ -215,10 +229,15 @@ def _count_tokens(session: Session, loop: AgentLoop) -> None:
 
 
 async def _record_outcome(
-    session: Session, run: Run, loop: AgentLoop | None, failure: NetraError | None, exec_started: float | None
+    session: Session,
+    run: Run,
+    loop: AgentLoop | None,
+    failure: NetraError | None,
+    exec_started: float | None,
+    ending: str | None,
 ) -> None:
     """Record how the run ended, even while its connection is being torn down."""
-    match run.terminal:
+    match ending:
         case "agent_completed":
             status = "completed"
         case "agent_error":
@@ -242,7 +261,7 @@ async def _record_outcome(
         with trio.move_on_after(session.hub.config.store_timeout_s):
             try:
                 await session.hub.store.finish_run(outcome)
-            except StoreError as exc:
+            except NetraError as exc:  # store down, or the thread deleted meanwhile
                 log.warning("could not record the outcome of run %s: %s", run.id, exc.message)
 
 

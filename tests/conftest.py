@@ -45,3 +45,6 @@ async def settle(hub, *, timeout: float = 5.0) -> None:
                 return
             await trio.sleep(0.01)
     raise AssertionError(f"the server did not settle: {hub.snapshot()} tasks={netra_tasks()}")
+
+
+from ._backends import backend as backend, pg_database as pg_database  # noqa: E402  (shared fixtures)

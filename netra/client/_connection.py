@@ -70,7 +70,7 @@ class Connection:
     async def send(self, message: dict[str, Any]) -> None:
         await self.ws.send_message(json.dumps(message))
 
-    async def run(
+    def run(
         self,
         text: str,
         *,
@@ -78,30 +78,16 @@ class Connection:
         agent: str | None = None,
         id: str | None = None,
         multitask: str | None = None,
-    ) -> AsyncIterator[Received]:
-        """Send a message and yield its run's events up to the terminal one.
-        Raises RunRefused if the server refuses it, ConnectionClosed if the
-        connection ends first."""
-        msg_id = id or uuid.uuid4().hex
-        send, recv = trio.open_memory_channel[Received](math.inf)
-        self._by_ref[msg_id] = send
-        message: dict[str, Any] = {"type": "user_message", "text": text, "id": msg_id}
+    ) -> RunStream:
+        """Send a message (on first iteration) and iterate its run's events up
+        to the terminal one. Raises RunRefused if the server refuses it,
+        ConnectionClosed if the connection ends first. Leaving the loop early
+        is fine: later events of that run are dropped."""
+        message: dict[str, Any] = {"type": "user_message", "text": text, "id": id or uuid.uuid4().hex}
         for key, value in (("thread_id", thread_id), ("agent", agent), ("multitask", multitask)):
             if value is not None:
                 message[key] = value
-        try:
-            await self.send(message)
-            async with recv:
-                async for received in recv:
-                    if received.type == "error":
-                        raw = received.raw
-                        raise RunRefused(raw.get("code", ""), raw.get("message", ""), raw)
-                    yield received
-                    if received.type in TERMINAL:
-                        return
-            raise self.closed or ConnectionClosed(None, "closed")
-        finally:
-            self._by_ref.pop(msg_id, None)
+        return RunStream(self, message)
 
     async def collect(self, text: str, **kwargs: Any) -> list[Received]:
         """All events of one run, as a list."""
@@ -163,13 +149,55 @@ class Connection:
             if channel is None and ref in self._by_ref:
                 channel = self._by_run[run_id] = self._by_ref[ref]
         if kind == "error" and ref in self._by_ref:
-            self._by_ref[ref].send_nowait(received)
-            self._by_ref.pop(ref).close()
+            channel = self._by_ref.pop(ref)
+            _deliver(channel, received)
+            channel.close()
             return
-        if channel is not None:
-            channel.send_nowait(received)
-            if kind in TERMINAL:
-                self._by_run.pop(run_id, None)
+        if channel is not None and (not _deliver(channel, received) or kind in TERMINAL):
+            self._by_run.pop(run_id, None)
+
+
+def _deliver(channel: trio.MemorySendChannel[Received], received: Received) -> bool:
+    """False when nobody listens any more (the caller left its loop)."""
+    try:
+        channel.send_nowait(received)
+        return True
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return False
+
+
+@attrs.define(eq=False)
+class RunStream:
+    """The events of one run, as an async iterator."""
+
+    conn: Connection
+    message: dict[str, Any]
+    _recv: trio.MemoryReceiveChannel[Received] | None = None
+    done: bool = False
+
+    def __aiter__(self) -> RunStream:
+        return self
+
+    async def __anext__(self) -> Received:
+        if self.done:
+            raise StopAsyncIteration
+        if self._recv is None:
+            send, self._recv = trio.open_memory_channel[Received](math.inf)
+            self.conn._by_ref[self.message["id"]] = send
+            await self.conn.send(self.message)
+        try:
+            received = await self._recv.receive()
+        except trio.EndOfChannel:
+            self.done = True
+            raise self.conn.closed or ConnectionClosed(None, "closed") from None
+        if received.type == "error":
+            self.done = True
+            raw = received.raw
+            raise RunRefused(raw.get("code", ""), raw.get("message", ""), raw)
+        if received.type in TERMINAL:
+            self.done = True
+            self.conn._by_ref.pop(self.message["id"], None)
+        return received
 
 
 @asynccontextmanager

@@ -245,7 +245,8 @@ class SQLiteStore:
     # -- the Store interface ----------------------------------------------
 
     async def ping(self) -> None:
-        await self._call(_schema.ping)
+        # take the write lock (and give it back): ready means runs can be recorded
+        await self._call(_schema.ping, write=True)
 
     async def begin_run(self, start: RunStart) -> RunStarted:
         return await self._call(_schema.begin_run, start, write=True)

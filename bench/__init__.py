@@ -1,0 +1,1 @@
+"""netra's load benchmark (`python -m bench`); see README.md beside this file."""

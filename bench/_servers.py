@@ -1,0 +1,181 @@
+"""Starting, watching and stopping the servers under test.
+
+Every server is a child process on a free loopback port, in its own session
+(process group) so that stopping it stops whatever it spawned, and with a
+parent-death signal so that it dies with the bench even when the bench is
+killed with no chance to run its ``finally``. Its CPU time is read from
+``/proc/<pid>/stat`` (itself plus descendants), which costs the server
+nothing, unlike any in-process probe would.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+KINDS = ("netra", "peer", "floor")
+
+#: Environment the bench gives netra unless the caller's environment says
+#: otherwise: no store (as the peer and floor have none), a rate limit a
+#: machine-speed user never hits (the bench's users send as fast as runs end),
+#: and warnings only (the peer and floor do not log per connection either).
+NETRA_DEFAULTS = {
+    "NETRA_DATABASE_URL": "none",
+    "NETRA_RATE_PER_S": "1000000",
+    "NETRA_RATE_BURST": "1000000",
+    "NETRA_RATE_ABUSE_LIMIT": "1000000",
+    "NETRA_LOG_LEVEL": "WARNING",
+}
+
+
+def pdeathsig() -> None:
+    """preexec_fn: have Linux send SIGTERM to the child when we die."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """utime + stime of ``pid`` and its live descendants, in seconds."""
+    if pid is None:
+        return None
+    total = 0
+    for p in _descendants(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, busy + idle) CPU seconds of the whole machine since boot, from
+    /proc/stat. Its busy time includes what no process is charged for
+    (softirq work of loopback TCP) and whatever else runs on the machine,
+    which per-process figures would hide."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - idle) / hz, sum(ticks) / hz
+
+
+@dataclass
+class Server:
+    kind: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"ws://{HOST}:{self.port}/ws"
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def command(kind: str, port: int) -> list[str]:
+    if kind == "netra":
+        return [sys.executable, "-m", "netra", "serve", "--host", HOST, "--port", str(port)]
+    script = {"peer": "fastapi_peer.py", "floor": "raw_floor.py"}[kind]
+    return [sys.executable, str(ROOT / "bench" / "peers" / script), "--host", HOST, "--port", str(port)]
+
+
+def start(kind: str, *, secret: str, delay_ms: float, log_dir: Path) -> Server:
+    """Start one server (not yet ready: see :func:`wait_ready`)."""
+    port = free_port()
+    env = dict(os.environ)
+    if kind == "netra":
+        for key, value in NETRA_DEFAULTS.items():
+            env.setdefault(key, value)
+    env["NETRA_JWT_SECRET"] = secret
+    env["NETRA_SCRIPTED_DELAY_MS"] = str(delay_ms)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    log_path = log_dir / f"{kind}.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(command(kind, port), cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=pdeathsig)
+    return Server(kind, port, proc, log_path)
+
+
+async def _probe(server: Server) -> bool:
+    """netra: GET /healthz answers 200; the others: a TCP connect succeeds."""
+    try:
+        with trio.fail_after(2):
+            stream = await trio.open_tcp_stream(HOST, server.port)
+            async with stream:
+                if server.kind != "netra":
+                    return True
+                await stream.send_all(f"GET /healthz HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+                head = await stream.receive_some(4096)
+                return head.split(b" ", 2)[1:2] == [b"200"]
+    except (OSError, trio.TooSlowError, trio.BrokenResourceError, IndexError):
+        return False
+
+
+async def wait_ready(server: Server, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.kind} exited with {server.proc.returncode}:\n{server.log_tail()}")
+        if await _probe(server):
+            return
+        await trio.sleep(0.1)
+    raise RuntimeError(f"{server.kind} not ready after {timeout_s:.0f} s:\n{server.log_tail()}")
+
+
+def stop(server: Server, grace_s: float = 12.0) -> None:
+    """SIGTERM (netra drains for up to drain_grace_s), then SIGKILL the group."""
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(server.proc.pid, signal.SIGKILL)  # the group we created for it
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        server.proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass

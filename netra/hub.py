@@ -43,6 +43,7 @@ class Hub:
     model_limiter: trio.CapacityLimiter = attrs.field(init=False)
     tool_limiters: dict[str, trio.CapacityLimiter] = attrs.field(init=False)
     agent_tools: dict[str, ToolRegistry] = attrs.field(init=False)
+    agent_specs: dict[str, tuple[Any, ...]] = attrs.field(init=False)
     users: dict[str, UserState] = attrs.field(factory=dict)
     sessions: set[Any] = attrs.field(factory=set)
     queued_runs: int = 0
@@ -64,6 +65,20 @@ class Hub:
         }
         extra = (*self.shared_tools, *(t.name for t in chaos_tools())) if c.chaos_tools else self.shared_tools
         self.agent_tools = {a.name: agent_tools(a, self.tools, extra) for a in self.agents}
+        self.agent_specs = {name: registry.specs() for name, registry in self.agent_tools.items()}
+        self._wire_gauges()
+
+    def _wire_gauges(self) -> None:
+        """Gauges read at scrape time from the live objects (nothing to keep in sync)."""
+        m = self.metrics
+        m.outbox_queued.set_function(lambda: sum(s.queued_events() for s in list(self.sessions)))
+        m.limiter_borrowed.labels("global").set_function(lambda: self.run_limiter.borrowed_tokens)
+        m.limiter_borrowed.labels("model").set_function(lambda: self.model_limiter.borrowed_tokens)
+        for name, limiter in self.tool_limiters.items():
+            m.limiter_borrowed.labels(f"tool:{name}").set_function(lambda lim=limiter: lim.borrowed_tokens)
+        if self.store is not None:
+            for kind in ("size", "in_use", "waiting", "waits_total"):
+                m.store_pool.labels(kind).set_function(lambda k=kind: getattr(self.store.stats(), k))
 
     @classmethod
     def build(

@@ -86,10 +86,30 @@ class Metrics:
             registry=s.registry,
         )
     )
-    outbox_depth: Histogram = _registry_field(
-        lambda s: Histogram(
-            "netra_outbox_depth", "Events queued for a connection when one is added.",
-            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=s.registry,
+    outbox_full: Counter = _registry_field(
+        lambda s: Counter(
+            "netra_outbox_full", "Events that found their connection's queue full (a slow reader).",
+            registry=s.registry,
+        )
+    )
+    outbox_queued: Gauge = _registry_field(
+        lambda s: Gauge("netra_outbox_queued", "Events queued for all connections now.", registry=s.registry)
+    )
+    limiter_borrowed: Gauge = _registry_field(
+        lambda s: Gauge(
+            "netra_limiter_borrowed", "Tokens borrowed from shared limiters now.", ["limiter"], registry=s.registry
+        )
+    )
+    store_pool: Gauge = _registry_field(
+        lambda s: Gauge(
+            "netra_store_pool", "Store connections: size, in_use, waiting, waits_total.", ["kind"],
+            registry=s.registry,
+        )
+    )
+    loop_lag: Gauge = _registry_field(
+        lambda s: Gauge(
+            "netra_event_loop_lag_seconds", "How late the event loop woke a sleeping task, last sample.",
+            registry=s.registry,
         )
     )
     isolation_violations: Counter = _registry_field(

@@ -131,6 +131,7 @@ async def execute(session: Session, run: Run) -> None:
                             agent=run.agent,
                             model=hub.model,
                             tools=hub.agent_tools[run.agent.name],
+                            specs=hub.agent_specs[run.agent.name],
                             limits=hub.run_limits(run.agent),
                             emit=lambda event: session.emit(run, event),
                             model_limiter=hub.model_limiter,

@@ -96,8 +96,19 @@ class Server:
 
         async with trio.open_nursery() as nursery:
             self.urls = await nursery.start(_serve, app, hypercorn_config(self.hub), shutdown_trigger)
+            nursery.start_soon(_watch_loop_lag, self.hub, drained)
             task_status.started(self)
         self._stopped.set()
+
+
+async def _watch_loop_lag(hub: Hub, stop: trio.Event, *, interval_s: float = 0.25) -> None:
+    """Event-loop lag: how much later than asked a sleeping task wakes up.
+    A busy or blocked loop shows here before it shows anywhere else."""
+    while not stop.is_set():
+        asked = trio.current_time() + interval_s
+        with trio.move_on_after(interval_s):
+            await stop.wait()
+        hub.metrics.loop_lag.set(max(0.0, trio.current_time() - asked))
 
 
 async def _serve(

@@ -172,12 +172,11 @@ class Session:
         slow-consumer timeout; after a close, events are dropped."""
         if self.ws.closed and self.close_code is None:
             return
-        self.hub.metrics.outbox_depth.observe(self._send.statistics().current_buffer_used)
         try:
             self._send.send_nowait(event)
             return
         except trio.WouldBlock:
-            pass
+            self.hub.metrics.outbox_full.inc()
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return
         with trio.move_on_after(self.hub.config.slow_consumer_timeout_s):
@@ -377,6 +376,9 @@ class Session:
         m = self.hub.metrics
         m.tool_calls.labels(record.name, outcome).inc()
         m.tool_duration.labels(record.name).observe(record.duration_ms / 1000)
+
+    def queued_events(self) -> int:
+        return self._send.statistics().current_buffer_used
 
     def limiter_name(self, limiter: trio.CapacityLimiter) -> str:
         if limiter is self.run_limiter:

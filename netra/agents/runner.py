@@ -30,6 +30,7 @@ from ..models.base import (
     Reasoning,
     TextChunk,
     ToolCallRequest,
+    ToolSpec,
     Usage,
 )
 from ..protocol import AgentThinking, RunEvent, TextDelta, ToolCompleted, ToolExecuting
@@ -65,6 +66,8 @@ class AgentLoop:
     agent: Agent
     model: Model
     tools: ToolRegistry
+    #: What the model is told about ``tools`` (computed once per agent, not per turn).
+    specs: tuple[ToolSpec, ...]
     limits: RunLimits
     emit: Callable[[RunEvent], Awaitable[None]]
     model_limiter: trio.CapacityLimiter
@@ -88,7 +91,7 @@ class AgentLoop:
             *history,
             ChatMessage(role="user", content=user_text),
         ]
-        specs = self.tools.specs()
+        specs = self.specs
         for step in range(1, self.limits.max_steps + 1):
             calls, turn_text = await self._model_turn(messages, specs, step)
             if not calls:

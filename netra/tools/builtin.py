@@ -451,11 +451,11 @@ def builtin_tools() -> list[Tool]:
     """Fresh Tool objects for the built-in tools (a factory, so that no
     registry lives at module level and a server may pick what it offers)."""
     return [
-        tool(calculator, timeout_s=5.0),
-        tool(statistics),
-        tool(correlation),
-        tool(llm_cost_estimate),
-        tool(throughput_plan),
-        tool(unit_convert),
-        tool(current_time),
+        tool(calculator, timeout_s=5.0, blocking=False),
+        tool(statistics, blocking=False),
+        tool(correlation, blocking=False),
+        tool(llm_cost_estimate, blocking=False),
+        tool(throughput_plan, blocking=False),
+        tool(unit_convert, blocking=False),
+        tool(current_time, blocking=False),
     ]

@@ -23,6 +23,7 @@ from ..hub import Hub
 from ..protocol import SUBPROTOCOL, Auth, parse_client_message
 from ..session import Session
 from .api import register_api
+from .pages import register_pages
 from .ws import WebSocket
 
 log = logging.getLogger("netra.web")
@@ -70,6 +71,7 @@ def create_app(hub: Hub) -> QuartTrio:
                 return jsonify(code="unauthorized", message="metrics need a bearer token"), 401
         return Response(hub.metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
 
+    register_pages(app, hub)
     register_api(app, hub)
 
     http_app = app.asgi_app

@@ -25,7 +25,7 @@ class Metrics:
     )
     connections_closed: Counter = _registry_field(
         lambda s: Counter(
-            "netra_connections_closed", "Closed connections by close code.", ["code"], registry=s.registry
+            "netra_connections_closed", "Closed connections by the close code netra sent, or client.", ["code"], registry=s.registry
         )
     )
     connections_refused: Counter = _registry_field(

@@ -172,6 +172,11 @@ async def execute(session: Session, run: Run) -> None:
                 run_id=run.id, thread_id=run.thread_id, reason=run.cancel_reason or "client"
             ))
         elif ending == "agent_error":
+            log.info(
+                "run failed: %s", failure.message,
+                extra={"run_id": run.id, "user_id": run.user_id, "connection_id": session.connection_id,
+                       "code": failure.code},
+            )
             await _report_failure(session, run, failure)
         else:
             await session.emit(run, completed)

@@ -94,6 +94,8 @@ class Session:
         self.user.connections.add(self)
         m.connections_opened.inc()
         m.connections_open.inc()
+        ids = {"connection_id": self.connection_id, "user_id": self.identity.user_id}
+        log.info("connection opened", extra=ids)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -112,8 +114,10 @@ class Session:
             self.user.connections.discard(self)
             hub.forget_user_if_idle(self.user)
             m.connections_open.dec()
-            code = self.close_code or self.ws.disconnect_code or 1006
-            m.connections_closed.labels(str(code)).inc()
+            # hypercorn reports any close by the peer as 1006, whatever its code
+            code = str(self.close_code) if self.close_code is not None else "client"
+            m.connections_closed.labels(code).inc()
+            log.info("connection closed", extra={**ids, "code": code})
 
     def close(self, code: int | None, reason: str = "", *, cancel_reason: str = "disconnect") -> None:
         """Start closing: runs are cancelled with ``cancel_reason``; ``code``

@@ -119,6 +119,7 @@ async def serve_websocket(hub: Hub, ws: WebSocket) -> None:
         try:
             identity = hub.verifier.verify(token)
         except Unauthorized as exc:
+            log.info("upgrade refused: %s", exc.message, extra={"code": 401})
             m.connections_refused.labels("401").inc()
             return await ws.reject(401, {"code": exc.code, "message": exc.message})
     await ws.accept(SUBPROTOCOL if SUBPROTOCOL in ws.subprotocols else None)
@@ -136,6 +137,7 @@ async def serve_websocket(hub: Hub, ws: WebSocket) -> None:
                 raise Unauthorized("authenticate first: send an auth frame")
             identity = hub.verifier.verify(message.token)
         except NetraError as exc:
+            log.info("authentication failed: %s", exc.message, extra={"code": errors.CLOSE_UNAUTHORIZED})
             m.connections_closed.labels(str(errors.CLOSE_UNAUTHORIZED)).inc()
             reason = exc.message if isinstance(exc, Unauthorized) else "authenticate first"
             return await ws.close(errors.CLOSE_UNAUTHORIZED, reason)

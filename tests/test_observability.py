@@ -1,0 +1,114 @@
+"""Metrics that match what happened, and logs that never carry a token."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import httpx
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from netra import logs
+from netra.client import connect
+from netra.testing import config_for_tests, open_server, token_for
+
+from .conftest import settle
+from .test_golden_path import CALC
+from .test_isolation import HANG, until
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+async def test_metrics_match_a_scripted_scenario():
+    async with open_server(config_for_tests()) as server:
+        with trio.fail_after(20):
+            async with connect(server.ws_url, token_for(server, "m1")) as a, \
+                    connect(server.ws_url, token_for(server, "m2")) as b:
+                await a.collect(CALC)
+                await a.collect("[[tool:fail {}]]")
+                await b.collect("[[model:fail]]")
+                run = b.run(HANG)
+                started = await until(run, "tool_executing")
+                await b.cancel(run_id=started.raw["run_id"])
+                [e async for e in run]
+                await a.ws.send_message("not json")
+                await a.ping()
+            await settle(server.hub)
+            async with httpx.AsyncClient(base_url=server.http_url) as http:
+                got = samples((await http.get("/metrics")).text)
+        def value(name, **labels):
+            return got.get((name, tuple(sorted(labels.items()))), 0.0)
+
+        assert value("netra_connections_opened_total") == 2
+        assert value("netra_connections_closed_total", code="client") == 2
+        assert value("netra_connections_open") == 0
+        assert value("netra_runs_finished_total", outcome="completed", reason="") == 2
+        assert value("netra_runs_finished_total", outcome="failed", reason="") == 1
+        assert value("netra_runs_finished_total", outcome="cancelled", reason="client") == 1
+        assert value("netra_runs_active") == 0 and value("netra_runs_queued") == 0
+        assert value("netra_tool_calls_total", tool="calculator", outcome="ok") == 1
+        assert value("netra_tool_calls_total", tool="fail", outcome="error") == 1
+        assert value("netra_tool_calls_total", tool="hang", outcome="cancelled") == 1
+        assert value("netra_bad_frames_total", code="bad_request") == 1
+        assert value("netra_run_duration_seconds_count") == 4
+        assert value("netra_isolation_violations_total") == 0
+        assert value("netra_limiter_borrowed", limiter="global") == 0
+        assert value("netra_outbox_queued") == 0
+        assert value("netra_model_tokens_total", kind="completion_tokens") > 0
+
+
+async def test_metrics_can_require_a_token():
+    async with open_server(config_for_tests(metrics_token="scrape-me")) as server:
+        async with httpx.AsyncClient(base_url=server.http_url) as http:
+            with trio.fail_after(10):
+                assert (await http.get("/metrics")).status_code == 401
+                wrong = await http.get("/metrics", headers={"Authorization": "Bearer nope"})
+                assert wrong.status_code == 401
+                ok = await http.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
+                assert ok.status_code == 200 and "netra_runs_active" in ok.text
+
+
+async def test_no_log_line_contains_the_token():
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    logs.configure("DEBUG", stream)
+    try:
+        async with open_server(config_for_tests(jwt_audience="netra")) as server:
+            good = token_for(server, "logged", aud="netra")
+            bad = token_for(server, "logged", aud="elsewhere")
+            with trio.fail_after(10):
+                async with connect(server.ws_url, good) as conn:
+                    await conn.collect("[[tool:fail {}]]")
+                    await conn.collect("[[model:fail]]")
+                    await conn.refresh(bad)
+                    await conn.ping()
+                try:
+                    async with connect(server.ws_url, bad):
+                        pass
+                except Exception:
+                    pass
+                try:
+                    async with connect(server.ws_url, bad, auth="frame"):
+                        pass
+                except Exception:
+                    pass
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    text = stream.getvalue()
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert any(line["msg"] == "connection opened" and line["user_id"] == "logged" for line in lines)
+    assert any(line["msg"].startswith("upgrade refused") for line in lines)
+    assert any(line.get("run_id") and line.get("code") == "llm_error" for line in lines)
+    for token in (good, bad):
+        assert token not in text
+        assert token.split(".")[2] not in text  # not even the signature

@@ -38,6 +38,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not browser and not postgres" -x -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(PY) -m bench
 
 chat: $(STAMP)

@@ -453,3 +453,20 @@ async def test_over_limit_connections_global():
                 ) as ws:
                     await ws.get_message()
             assert closed.value.reason.code == 4429
+
+
+async def test_a_flooding_user_cannot_starve_others():
+    """The flooder's backlog waits in its own user queue, not the global one."""
+    async with scenario(max_runs=3, max_runs_per_user=1, max_queued_runs_per_user=16) as server:
+        async with connect(server.ws_url, token_for(server, "flooder")) as flooder, \
+                connect(server.ws_url, token_for(server, "patient")) as patient:
+            backlog = [flooder.run('[[tool:sleep {"ms": 300}]]') for _ in range(10)]
+            firsts = [await anext(run) for run in backlog]
+            assert sum(e.type == "run_queued" for e in firsts) == 9
+            asked = trio.current_time()
+            events = await patient.collect(CALC)
+            assert events[0].type == "agent_started"  # never queued behind the flooder
+            assert trio.current_time() - asked < 1.0  # the backlog alone takes 3 s
+            assert_run_shape(events)
+            for run in backlog:
+                assert [e async for e in run][-1].type == "agent_completed"

@@ -21,6 +21,7 @@ import trio
 
 from .agents import Agent
 from .agents.runner import AgentLoop
+from .agents.supervisor import choose_agent
 from .errors import InternalError, NetraError, RunTimeout
 from .limits import acquire_all
 from .models.base import ChatMessage
@@ -46,6 +47,8 @@ class Run:
     agent: Agent
     text: str
     client_id: str | None
+    #: The agent the message named (None: the supervisor chooses).
+    requested_agent: str | None = None
     message_id: str = attrs.field(factory=lambda: new_id("msg"))
     user_message_id: str = attrs.field(factory=lambda: new_id("msg"))
     received_at: float = attrs.field(factory=trio.current_time)
@@ -83,6 +86,11 @@ async def execute(session: Session, run: Run) -> None:
     try:
         with run.cancel_scope:
             try:
+                # a real model may route better than the rules the session used
+                run.agent = await choose_agent(
+                    hub.model, hub.agents, run.text, run.requested_agent,
+                    timeout_s=config.model_first_chunk_timeout_s, limiter=hub.model_limiter,
+                )
                 if store is not None:
                     begun = await store.begin_run(
                         RunStart(

@@ -28,7 +28,7 @@ import trio
 from . import errors
 from .agents import route
 from .auth import Identity
-from .errors import Busy, NetraError, NotFound, RunInProgress, Unauthorized
+from .errors import Busy, NetraError, NotFound, RunInProgress
 from .limits import TokenBucket, all_available
 from .protocol import (
     TERMINAL,
@@ -311,7 +311,7 @@ class Session:
                 raise Busy("capacity is full; try again shortly", retry_after_ms=1000)
         run = Run(
             id=new_id("run"), thread_id=thread_id, new_thread=new_thread, user_id=user.user_id,
-            agent=agent, text=msg.text, client_id=msg.id,
+            agent=agent, text=msg.text, client_id=msg.id, requested_agent=msg.agent,
         )
         if msg.id is not None:
             hub.accepted_ids[key] = run.id

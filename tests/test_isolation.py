@@ -258,7 +258,7 @@ async def test_flood_above_rate():
             limited = [r for r in conn.received if r.type == "error"][0]
             assert limited.raw["code"] == "rate_limited" and limited.raw["retry_after_ms"] > 0
             assert limited.raw["ref"].startswith("p")  # the client can tell which message was refused
-            with pytest.raises(trio_websocket.ConnectionClosed):
+            with pytest.raises(ConnectionClosed):
                 for i in range(200):  # sustained abuse, until the server hangs up
                     await conn.send({"type": "ping"})
                     await trio.sleep(0.001)

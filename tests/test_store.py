@@ -12,21 +12,15 @@ worker/transaction machinery, so checks on rows stay backend-neutral.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import attrs
-import psycopg
 import pytest
 import trio
-from psycopg import sql
 
 from netra.config import Config
 from netra.errors import NotFound, StoreError

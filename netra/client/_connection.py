@@ -68,7 +68,10 @@ class Connection:
         return self.connected["user_id"]
 
     async def send(self, message: dict[str, Any]) -> None:
-        await self.ws.send_message(json.dumps(message))
+        try:
+            await self.ws.send_message(json.dumps(message))
+        except trio_websocket.ConnectionClosed as exc:
+            raise ConnectionClosed(exc.reason.code, exc.reason.reason) from None
 
     def run(
         self,

@@ -43,6 +43,9 @@ def create_app(hub: Hub) -> QuartTrio:
     async def _close_store() -> None:
         if hub.store is not None:
             await hub.store.aclose()
+        aclose = getattr(hub.model, "aclose", None)  # a provider's HTTP client
+        if aclose is not None:
+            await aclose()
 
     @app.get("/healthz")
     async def healthz() -> Any:

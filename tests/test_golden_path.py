@@ -175,7 +175,7 @@ async def test_disconnect_mid_run_cancels_the_run_and_its_tool():
     "make_token",
     [
         pytest.param(lambda s: "not-a-jwt", id="garbage"),
-        pytest.param(lambda s: _sign({"sub": "x", "exp": _in(60)}, "wrong-secret"), id="wrong-signature"),
+        pytest.param(lambda s: _sign({"sub": "x", "exp": _in(60)}, "wrong-secret-" * 4), id="wrong-signature"),
         pytest.param(lambda s: _unsigned({"sub": "x", "exp": _in(60)}), id="alg-none"),
         pytest.param(lambda s: token_for(s, "x", ttl_s=-120), id="expired"),
         pytest.param(lambda s: _sign({"exp": _in(60)}, s.hub.config.jwt_secret), id="no-sub"),

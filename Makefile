@@ -8,7 +8,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast bench chat token lint clean help
+.PHONY: run test test-fast bench chat chromium clean help
 
 help:
 	@echo "make run     - install (first time) and start netra on http://$(HOST):$(PORT)"
@@ -31,7 +31,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/netra serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+chromium:
+	@sh .ci/install-chromium
+
+test: $(STAMP) chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

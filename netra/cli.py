@@ -78,7 +78,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"netra {__version__} listening on {server.http_url}", file=sys.stderr, flush=True)
         print(f"  WebSocket: {server.ws_url}", file=sys.stderr, flush=True)
         if config.dev_mode:
-            token = mint_token(config.jwt_secret, "dev-user", ttl_s=24 * 3600)
+            claims = {k: v for k, v in (("aud", config.jwt_audience), ("iss", config.jwt_issuer)) if v}
+            token = mint_token(config.jwt_secret, "dev-user", ttl_s=24 * 3600, **claims)
             print("  development mode: a secret was generated for this run only", file=sys.stderr)
             print(f"  token (user dev-user, 24 h): {token}", file=sys.stderr)
             print(f"  try: netra chat --url {server.ws_url} --token {token}", file=sys.stderr, flush=True)

@@ -329,12 +329,12 @@ class Session:
         self._nursery.start_soon(execute, self, run)
 
     async def _cancel(self, msg: Cancel) -> None:
+        # only this connection's runs: their agent_cancelled is the answer, and
+        # it goes to the connection that started them
         if msg.run_id is not None:
-            run = next((r for r in self.user.runs if r.id == msg.run_id), None)
-            targets = [run] if run is not None else []
+            targets = [r for r in (self.runs.get(msg.run_id),) if r is not None]
         else:
-            thread = self.user.threads.get(msg.thread_id or "")
-            targets = [r for r in ([thread.active, *thread.waiting] if thread else []) if r is not None]
+            targets = [r for r in self.runs.values() if r.thread_id == msg.thread_id]
         if not targets:
             raise NotFound("no such run in progress")
         for run in targets:

@@ -227,7 +227,7 @@ async def _until_terminal(conn) -> None:
         await trio.sleep(0.01)
 
 
-# -- a known client-library gap (reported, not fixed here) ----------------------------
+# -- after a close, calls raise the client's own ConnectionClosed --------------------
 
 
 async def test_run_after_the_server_closed_raises_the_clients_connection_closed(server):

@@ -59,6 +59,7 @@ class Connection:
     last_seq: int = 1
     _by_ref: dict[str, trio.MemorySendChannel[Received]] = attrs.field(factory=dict)
     _by_run: dict[str, trio.MemorySendChannel[Received]] = attrs.field(factory=dict)
+    _run_refs: dict[str, str] = attrs.field(factory=dict)
     _pongs: dict[str, trio.Event] = attrs.field(factory=dict)
     closed: ConnectionClosed | None = None
     _closed_event: trio.Event = attrs.field(factory=trio.Event)
@@ -151,13 +152,16 @@ class Connection:
             channel = self._by_run.get(run_id)
             if channel is None and ref in self._by_ref:
                 channel = self._by_run[run_id] = self._by_ref[ref]
+                self._run_refs[run_id] = ref
         if kind == "error" and ref in self._by_ref:
             channel = self._by_ref.pop(ref)
             _deliver(channel, received)
             channel.close()
             return
         if channel is not None and (not _deliver(channel, received) or kind in TERMINAL):
+            # done, or abandoned by a caller that left its loop: forget the run
             self._by_run.pop(run_id, None)
+            self._by_ref.pop(self._run_refs.pop(run_id, ""), None)
 
 
 def _deliver(channel: trio.MemorySendChannel[Received], received: Received) -> bool:

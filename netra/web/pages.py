@@ -45,6 +45,10 @@ class StaticFile:
     content_type: str
     etag: str
 
+    @classmethod
+    def of(cls, body: bytes, content_type: str) -> StaticFile:
+        return cls(body=body, content_type=content_type, etag='"' + hashlib.sha256(body).hexdigest()[:20] + '"')
+
 
 def load_static() -> Mapping[str, StaticFile]:
     """Every servable file of the static folder, by name (read once).
@@ -56,9 +60,7 @@ def load_static() -> Mapping[str, StaticFile]:
     for entry in folder.iterdir():
         suffix = "." + entry.name.rpartition(".")[2]
         if entry.is_file() and suffix in _TYPES and not entry.name.startswith("."):
-            body = entry.read_bytes()
-            etag = '"' + hashlib.sha256(body).hexdigest()[:20] + '"'
-            files[entry.name] = StaticFile(body=body, content_type=_TYPES[suffix], etag=etag)
+            files[entry.name] = StaticFile.of(entry.read_bytes(), _TYPES[suffix])
     return types.MappingProxyType(files)
 
 
@@ -81,13 +83,11 @@ def _security_headers(response: Response) -> Response:
 def register_pages(app: QuartTrio, hub: Hub) -> None:
     static = load_static()
     dev_mode = hub.config.dev_mode
-    index = static["index.html"]
     # The page learns whether to offer the development-token button from the
     # server, so it never has to probe /api/dev-token (which mints a token).
-    index = attrs.evolve(
-        index,
-        body=index.body.replace(b'data-dev-mode="false"', b'data-dev-mode="%s"' % (b"true" if dev_mode else b"false")),
-    )
+    # The ETag follows the body, so a browser never keeps the other variant.
+    flag = b'data-dev-mode="true"' if dev_mode else b'data-dev-mode="false"'
+    index = StaticFile.of(static["index.html"].body.replace(b'data-dev-mode="false"', flag), _TYPES[".html"])
 
     def serve(file: StaticFile) -> Any:
         if file.etag in request.headers.get("If-None-Match", ""):

@@ -6,6 +6,7 @@ import { Connection, closeText } from "./conn.js";
 import { RunView, errorText, threadItem, userTurn } from "./view.js";
 
 const TOKEN_KEY = "netra.token";
+const DEV_KEY = "netra.token.dev"; // the token came from /api/dev-token: renew it the same way
 const $ = (id) => document.getElementById(id);
 
 const app = {
@@ -13,6 +14,7 @@ const app = {
   userId: null,
   threadId: null,
   everConnected: false,
+  devRenewedAt: 0, // last automatic renewal of a development token (at most one per 30 s)
   history: null, // true / false once /api/threads answered: does the server keep threads?
   pending: new Map(), // client message id -> RunView, until the run has an id
   runs: new Map(), // run id -> RunView, until its terminal event
@@ -76,10 +78,12 @@ function showSignIn(message) {
   $("token-input").focus();
 }
 
-function signIn(token) {
+function signIn(token, { dev = false } = {}) {
   token = token.trim();
   if (!token) return;
   sessionStorage.setItem(TOKEN_KEY, token);
+  if (dev) sessionStorage.setItem(DEV_KEY, "1");
+  else sessionStorage.removeItem(DEV_KEY);
   app.token = token;
   hideAlert();
   $("sign-in").hidden = true;
@@ -91,11 +95,19 @@ function signIn(token) {
   $("input").focus();
 }
 
-function signOut(message) {
+// keepThread: the token expired; signing in again continues where it was.
+function signOut(message, { keepThread = false } = {}) {
   if (app.conn) app.conn.stop();
   app.conn = null;
   sessionStorage.removeItem(TOKEN_KEY);
+  sessionStorage.removeItem(DEV_KEY);
   interruptAll("Stopped: signed out.");
+  if (!keepThread) {
+    setThread(null);
+    $("messages").replaceChildren();
+    $("thread-list").replaceChildren();
+    $("empty").hidden = false;
+  }
   showSignIn(message);
 }
 
@@ -108,7 +120,7 @@ async function useDevToken() {
     const response = await fetch("/api/dev-token");
     const body = await response.json().catch(() => ({}));
     if (!response.ok) throw new Error(body.message || `HTTP ${response.status}`);
-    signIn(body.token);
+    signIn(body.token, { dev: true });
   } catch (err) {
     showAlert(`Could not get a development token: ${err.message}`);
   }
@@ -142,8 +154,13 @@ function onState(change) {
     }
     case "closed":
       interruptAll("Stopped: the connection closed.");
-      if (change.code === 4401) {
-        signOut(closeText(change.code, change.reason));
+      if (change.code === 4401 && sessionStorage.getItem(DEV_KEY) && Date.now() - app.devRenewedAt > 30000) {
+        // a development server restarted with a new secret: fetch a token from it again
+        app.devRenewedAt = Date.now();
+        signOut(null, { keepThread: true });
+        useDevToken();
+      } else if (change.code === 4401) {
+        signOut(closeText(change.code, change.reason), { keepThread: true });
       } else {
         setStatus("closed", "Disconnected");
         showAlert(`${closeText(change.code, change.reason)} Reload the page to connect again.`);
@@ -259,11 +276,7 @@ async function loadThreads() {
   $("threads").hidden = false;
   $("threads-toggle").hidden = false;
   const list = $("thread-list");
-  list.replaceChildren(...answer.body.threads.map((t) => {
-    const item = threadItem(t, app.threadId, selectThread);
-    item.firstChild.dataset.id = t.id;
-    return item;
-  }));
+  list.replaceChildren(...answer.body.threads.map((t) => threadItem(t, app.threadId, selectThread)));
 }
 
 function selectThread(threadId) {
@@ -364,7 +377,7 @@ function init() {
   if (match) app.threadId = decodeURIComponent(match[1]);
   const token = sessionStorage.getItem(TOKEN_KEY);
   if (token) {
-    signIn(token);
+    signIn(token, { dev: Boolean(sessionStorage.getItem(DEV_KEY)) });
     if (app.threadId) loadThread(app.threadId);
   } else {
     showSignIn();

@@ -187,7 +187,7 @@ export class RunView {
 
 export function threadItem(thread, current, onSelect) {
   const when = new Date(thread.updated_at * 1000).toLocaleString();
-  const button = el("button", { type: "button", class: "thread" },
+  const button = el("button", { type: "button", class: "thread", "data-id": thread.id },
     el("span", { class: "title", text: thread.title || "Untitled" }),
     el("small", { text: when }));
   if (thread.id === current) button.setAttribute("aria-current", "true");

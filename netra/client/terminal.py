@@ -1,0 +1,363 @@
+"""``netra chat``: talk to an agent from a terminal.
+
+One trio task owns the conversation; stdin is read in a worker thread (a
+terminal read cannot be cancelled, so that thread is simply abandoned on
+exit) and lines reach the conversation through a channel, so events keep
+streaming while the user types. SIGINT goes through trio's signal receiver
+rather than KeyboardInterrupt, so a Ctrl-C can mean "stop this run" without
+tearing the connection down: the first one during a run sends ``cancel``,
+a second one (or one at an idle prompt, or Ctrl-D) quits with status 0.
+
+stdin is read with ``os.read`` on the file descriptor, not ``sys.stdin``:
+an abandoned thread blocked inside ``sys.stdin.readline`` holds the buffer's
+lock, which makes the interpreter abort at exit.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import shutil
+import signal
+import sys
+import types
+from collections.abc import AsyncIterator
+from typing import Any, TextIO
+
+import attrs
+import trio
+import trio_websocket
+
+from ..protocol import Received
+from ._connection import ClientError, Connection, ConnectionClosed, RunRefused, connect
+
+NO_TOKEN = """\
+netra chat: no token. Pass --token TOKEN or set NETRA_TOKEN.
+  A development server (netra serve without NETRA_JWT_SECRET) prints a token when it starts.
+  Otherwise mint one with the server's secret:
+    NETRA_JWT_SECRET=... netra token --user YOUR_ID"""
+
+CLOSE_TEXT = types.MappingProxyType({
+    1000: "the server closed the connection",
+    1001: "the server is shutting down or restarting; run netra chat again in a moment",
+    1006: "the connection was lost",
+    1007: "the server refused a message that was not valid UTF-8",
+    1009: "a message was larger than the server accepts",
+    1011: "the server hit an internal error",
+    4400: "the server closed the connection after repeated malformed messages",
+    4401: "the token was refused or has expired; get a new one (netra token --user ID)",
+    4408: "authentication took too long",
+    4429: "too many connections or messages for this user; wait and try again",
+    4430: "this client fell behind reading events",
+})
+
+
+def close_text(code: int | None, reason: str | None) -> str:
+    text = CLOSE_TEXT.get(code or 1006, "the connection closed")
+    return f"{text} ({code}{': ' + reason if reason else ''})"
+
+
+def run_chat(url: str, token: str | None, agent: str | None = None) -> int:
+    """Exit status: 0 when the user quits, 1 when the connection fails or
+    ends, 2 for a usage mistake (no token, not a ws:// URL)."""
+    if not token:
+        print(NO_TOKEN, file=sys.stderr)
+        return 2
+    if not url.startswith(("ws://", "wss://")):
+        print(f"netra chat: --url must be a ws:// or wss:// URL, not {url!r}", file=sys.stderr)
+        return 2
+    try:
+        return trio.run(_chat, url, token, agent, Output.for_stream(sys.stdout))
+    except KeyboardInterrupt:  # before the signal receiver was in place
+        return 0
+
+
+async def _chat(url: str, token: str, agent: str | None, out: Output) -> int:
+    with trio.open_signal_receiver(signal.SIGINT) as sigint:
+        try:
+            async with connect(url, token) as conn:
+                return await Chat(conn=conn, out=out, agent=agent).main(sigint)
+        except Exception as exc:  # a nursery's group, should one still reach here
+            problem = _leaf(exc)
+            match problem:
+                case trio_websocket.ConnectionRejected():
+                    text = f"the server refused the connection: {_rejection(problem)}"
+                case ConnectionClosed():
+                    text = close_text(problem.code, problem.reason)
+                case OSError() | trio_websocket.HandshakeError() | trio.TooSlowError():
+                    text = f"could not connect to {url}: {problem or type(problem).__name__}"
+                case ClientError():
+                    text = f"protocol error: {problem}"
+                case _:
+                    raise
+            print(f"netra chat: {text}", file=sys.stderr)
+            return 1
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _rejection(exc: trio_websocket.ConnectionRejected) -> str:
+    try:
+        body = json.loads(exc.body or b"{}")
+        return f"{exc.status_code} {body.get('code', '')}: {body.get('message', '')}"
+    except ValueError:
+        return f"HTTP {exc.status_code}"
+
+
+_TRANSIENT = frozenset({"run_queued", "agent_started", "agent_thinking", "tool_executing"})
+
+
+@attrs.define(eq=False)
+class RunState:
+    run_id: str | None = None
+    agent: str = "assistant"
+    cancel_requested: bool = False
+    answering: bool = False
+    tools: dict[str, str] = attrs.field(factory=dict)
+
+
+@attrs.define(eq=False)
+class Chat:
+    conn: Connection
+    out: Output
+    agent: str | None = None
+    thread_id: str | None = None
+    run: RunState | None = None
+    exit_code: int = 0
+    closed_reported: bool = False
+    _nursery: trio.Nursery | None = None
+
+    async def main(self, sigint: AsyncIterator[int]) -> int:
+        self.out.note(
+            f"connected as {self.conn.user_id}. Enter sends; Ctrl-C stops a run; "
+            "Ctrl-C at the prompt or Ctrl-D quits; /new starts a new conversation."
+        )
+        send_lines, lines = trio.open_memory_channel[str](0)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(_read_lines, send_lines)
+            nursery.start_soon(self._watch_sigint, sigint)
+            nursery.start_soon(self._watch_close)
+            nursery.start_soon(self._converse, lines)
+        return self.exit_code
+
+    def quit(self, code: int) -> None:
+        self.exit_code = code
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+
+    async def _converse(self, lines: trio.MemoryReceiveChannel[str]) -> None:
+        self.out.prompt()
+        async for line in lines:
+            text = line.strip()
+            if text in ("/quit", "/exit"):
+                return self.quit(0)
+            if text == "/new":
+                self.thread_id = None
+                self.out.note("(a new conversation)")
+            elif text:
+                await self._send(line)
+            self.out.prompt()
+        self.out.line("")  # EOF (Ctrl-D): end the prompt's line
+        self.quit(0)
+
+    async def _send(self, text: str) -> None:
+        state = self.run = RunState()
+        try:
+            async for received in self.conn.run(text, thread_id=self.thread_id, agent=self.agent):
+                if state.run_id is None and received.raw.get("run_id"):
+                    state.run_id = received.raw["run_id"]
+                    self.thread_id = received.raw.get("thread_id") or self.thread_id
+                    if state.cancel_requested:
+                        await self.conn.cancel(run_id=state.run_id)
+                self._show(received, state)
+        except RunRefused as exc:
+            self.out.error(f"refused ({exc.code}): {exc.message}")
+        except ConnectionClosed as exc:
+            self._report_close(exc)
+        except trio_websocket.ConnectionClosed:  # closed before the message could be sent
+            self._report_close(await self.conn.wait_closed())
+        finally:
+            self.run = None
+
+    def _show(self, received: Received, state: RunState) -> None:
+        raw, out, sym = received.raw, self.out, self.out.symbols
+        if state.cancel_requested and received.type in _TRANSIENT:
+            return  # keep "cancelling..." on screen until the run answers
+        match received.type:
+            case "run_queued":
+                out.status(f"{sym.dots} queued (position {raw.get('position')})")
+            case "agent_started":
+                state.agent = raw.get("agent") or state.agent
+                out.status(f"{sym.dots} {state.agent} started")
+            case "agent_thinking":
+                text = raw.get("text") or ""
+                out.status(f"{sym.dots} thinking (step {raw.get('step')})" + (f": {text}" if text else ""))
+            case "tool_executing":
+                call = f"{sym.gear} {raw.get('tool')} {_short(raw.get('args'))}"
+                state.tools[raw.get("tool_call_id", "")] = call
+                out.status(f"{call} {sym.dots}")
+            case "tool_completed":
+                call = state.tools.get(raw.get("tool_call_id", ""), f"{sym.gear} {raw.get('tool')}")
+                ms = raw.get("duration_ms")
+                if "error" in raw:
+                    out.line(f"{call} {sym.cross} {_short(raw['error'])} ({ms} ms)", style="red")
+                else:
+                    out.line(f"{call} {sym.arrow} {_short(raw.get('result'))} ({ms} ms)")
+            case "text_delta":
+                if not state.answering:
+                    state.answering = True
+                    out.begin_answer(f"{state.agent}> ")
+                out.chunk(raw.get("delta", ""))
+            case "agent_completed":
+                if not state.answering:
+                    out.begin_answer(f"{state.agent}> ")
+                    out.chunk(raw.get("text", ""))
+                out.end_answer()
+            case "agent_error":
+                hint = " (you can try again)" if raw.get("retryable") else ""
+                out.error(f"error ({raw.get('code')}): {raw.get('message')}{hint}")
+            case "agent_cancelled":
+                out.line(f"cancelled ({raw.get('reason')})", style="yellow")
+
+    async def _watch_sigint(self, sigint: AsyncIterator[int]) -> None:
+        async for _ in sigint:
+            state = self.run
+            if state is None or state.cancel_requested:
+                self.out.line("")
+                return self.quit(0)
+            state.cancel_requested = True
+            self.out.status(f"cancelling{self.out.symbols.dots} (Ctrl-C again to quit)")
+            if state.run_id is not None:
+                try:
+                    await self.conn.cancel(run_id=state.run_id)
+                except trio_websocket.ConnectionClosed:
+                    pass  # the close watcher reports it
+
+    async def _watch_close(self) -> None:
+        self._report_close(await self.conn.wait_closed())
+
+    def _report_close(self, closed: ConnectionClosed) -> None:
+        if not self.closed_reported:
+            self.closed_reported = True
+            self.out.error(close_text(closed.code, closed.reason))
+        self.quit(1)
+
+
+async def _read_lines(send: trio.MemorySendChannel[str]) -> None:
+    """Lines of stdin, decoded incrementally; the channel closes at EOF."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    async with send:
+        while True:
+            data = await trio.to_thread.run_sync(os.read, 0, 65536, abandon_on_cancel=True)
+            pending += decoder.decode(data, final=not data)
+            *complete, pending = pending.split("\n")
+            for line in complete:
+                await send.send(line)
+            if not data:
+                if pending:
+                    await send.send(pending)
+                return
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@attrs.frozen
+class Symbols:
+    gear: str
+    arrow: str
+    cross: str
+    dots: str
+
+
+FANCY = Symbols(gear="⚙", arrow="→", cross="✗", dots="…")
+PLAIN = Symbols(gear="*", arrow="->", cross="x", dots="...")
+STYLES = types.MappingProxyType({"dim": "\033[2m", "red": "\033[31m", "yellow": "\033[33m"})
+
+
+@attrs.define(eq=False)
+class Output:
+    """What the user sees. On a terminal the progress line is transient:
+    each update overwrites the last (cut to the width, since a wrapped line
+    cannot be overwritten); piped, every update is a line of its own."""
+
+    stream: TextIO
+    tty: bool
+    color: bool
+    symbols: Symbols
+    transient: bool = False
+    answer_open: bool = False
+
+    @classmethod
+    def for_stream(cls, stream: TextIO) -> Output:
+        tty = stream.isatty()
+        try:
+            "⚙→✗…".encode(stream.encoding or "ascii")
+            symbols = FANCY
+        except (UnicodeEncodeError, LookupError):
+            symbols = PLAIN
+        color = tty and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+        return cls(stream=stream, tty=tty, color=color, symbols=symbols)
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+    def _style(self, text: str, style: str | None) -> str:
+        return f"{STYLES[style]}{text}\033[0m" if style and self.color else text
+
+    def _settle(self) -> None:
+        """Clear a transient line, and end an answer a progress line interrupts."""
+        if self.transient:
+            self._write("\r\033[K")
+            self.transient = False
+        if self.answer_open:
+            self._write("\n")
+            self.answer_open = False
+
+    def status(self, text: str) -> None:
+        self._settle()
+        if self.tty:
+            width = max(20, shutil.get_terminal_size().columns - 1)
+            if len(text) > width:
+                text = text[: width - 1] + "…"
+            self._write(self._style(text, "dim"))
+            self.transient = True
+        else:
+            self._write(self._style(text, "dim") + "\n")
+
+    def line(self, text: str, *, style: str | None = None) -> None:
+        self._settle()
+        self._write(self._style(text, style) + "\n")
+
+    def note(self, text: str) -> None:
+        self.line(text, style="dim")
+
+    def error(self, text: str) -> None:
+        self.line(text, style="red")
+
+    def begin_answer(self, prefix: str) -> None:
+        self._settle()
+        self._write(self._style(prefix, "dim"))
+        self.answer_open = True
+
+    def chunk(self, text: str) -> None:
+        self._write(text)
+
+    def end_answer(self) -> None:
+        if self.answer_open:
+            self._write("\n")
+            self.answer_open = False
+
+    def prompt(self) -> None:
+        self._settle()
+        self._write("you> ")

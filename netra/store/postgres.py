@@ -29,6 +29,7 @@ import trio
 from ..config import Config
 from ..errors import StoreError
 from . import _schema
+from ._gate import Gate
 from .base import (
     PoolStats,
     RunOutcome,
@@ -73,13 +74,7 @@ class PostgresStore:
 
     config: Config
     _pool: psycopg_pool.ConnectionPool | None = attrs.field(default=None, init=False)
-    _limiter: trio.CapacityLimiter | None = attrs.field(default=None, init=False)
-    # to_thread's own limiter: never contended (the one above is taken first),
-    # it only keeps our threads out of trio's default, shared limiter.
-    _threads: trio.CapacityLimiter | None = attrs.field(default=None, init=False)
-    _in_use: int = attrs.field(default=0, init=False)
-    _waiting: int = attrs.field(default=0, init=False)
-    _waits_total: int = attrs.field(default=0, init=False)
+    _gate: Gate | None = attrs.field(default=None, init=False)
 
     @property
     def size(self) -> int:
@@ -92,8 +87,7 @@ class PostgresStore:
             raise RuntimeError("store already open")
         pool = self._make_pool()
         self._pool = pool
-        self._limiter = trio.CapacityLimiter(self.size)
-        self._threads = trio.CapacityLimiter(self.size)
+        self._gate = Gate(self.size, self.config.store_timeout_s)
         try:
             await trio.to_thread.run_sync(self._start, pool)
             await self._call(_schema.migrate)
@@ -140,7 +134,7 @@ class PostgresStore:
 
     async def aclose(self) -> None:
         pool = self._pool
-        self._pool = self._limiter = self._threads = None
+        self._pool = self._gate = None
         if pool is not None:
             await trio.to_thread.run_sync(lambda: pool.close(timeout=5.0))
 
@@ -174,12 +168,9 @@ class PostgresStore:
         await self._call(_schema.delete_thread, user_id, thread_id)
 
     def stats(self) -> PoolStats:
-        return PoolStats(
-            size=self.size,
-            in_use=self._in_use,
-            waiting=self._waiting,
-            waits_total=self._waits_total,
-        )
+        if self._gate is None:
+            return PoolStats(size=self.size, in_use=0, waiting=0, waits_total=0)
+        return self._gate.stats()
 
     # -- plumbing ---------------------------------------------------------
 
@@ -188,25 +179,10 @@ class PostgresStore:
         borrowed connection. Waiting for our turn counts against
         ``store_timeout_s``; the thread itself is bounded by the pool timeout
         and statement_timeout, and is never abandoned (it holds a connection)."""
-        limiter, threads = self._limiter, self._threads
-        if limiter is None or threads is None:
+        gate = self._gate
+        if gate is None:
             raise StoreError("the store is not open")
-        if limiter.available_tokens == 0 or limiter.statistics().tasks_waiting:
-            self._waits_total += 1
-        self._waiting += 1
-        try:
-            with trio.move_on_after(self.config.store_timeout_s) as waited:
-                await limiter.acquire()
-        finally:
-            self._waiting -= 1
-        if waited.cancelled_caught:
-            raise StoreError("the database is busy")
-        self._in_use += 1
-        try:
-            return await trio.to_thread.run_sync(self._work, op, args, limiter=threads)
-        finally:
-            self._in_use -= 1
-            limiter.release()
+        return await gate.run(self._work, op, args)
 
     def _work(self, op: Callable[..., T], args: tuple[Any, ...]) -> T:
         pool = self._pool

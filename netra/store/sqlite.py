@@ -37,6 +37,7 @@ import trio
 from ..config import Config
 from ..errors import NetraError, StoreError
 from . import _schema
+from ._gate import Gate
 from .base import (
     PoolStats,
     RunOutcome,
@@ -190,14 +191,8 @@ class SQLiteStore:
 
     config: Config
     _conns: _Connections | None = attrs.field(default=None, init=False)
-    _limiter: trio.CapacityLimiter | None = attrs.field(default=None, init=False)
-    # to_thread's own limiter: never contended (the one above is taken first),
-    # it only keeps our threads out of trio's default, shared limiter.
-    _threads: trio.CapacityLimiter | None = attrs.field(default=None, init=False)
+    _gate: Gate | None = attrs.field(default=None, init=False)
     _tempdir: str | None = attrs.field(default=None, init=False)
-    _in_use: int = attrs.field(default=0, init=False)
-    _waiting: int = attrs.field(default=0, init=False)
-    _waits_total: int = attrs.field(default=0, init=False)
 
     @property
     def size(self) -> int:
@@ -206,11 +201,10 @@ class SQLiteStore:
     # -- lifecycle --------------------------------------------------------
 
     async def open(self) -> None:
-        if self._limiter is not None:
+        if self._gate is not None:
             raise RuntimeError("store already open")
         database, uri = database_location(self.config)
-        self._limiter = trio.CapacityLimiter(self.size)
-        self._threads = trio.CapacityLimiter(self.size)
+        self._gate = Gate(self.size, self.config.store_timeout_s)
         try:
             self._conns, self._tempdir = await trio.to_thread.run_sync(
                 self._prepare, database, uri
@@ -236,7 +230,7 @@ class SQLiteStore:
     async def aclose(self) -> None:
         """Close idle connections now; borrowed ones close as they come back."""
         conns, tempdir = self._conns, self._tempdir
-        self._conns = self._limiter = self._threads = self._tempdir = None
+        self._conns = self._gate = self._tempdir = None
         if conns is not None:
             await trio.to_thread.run_sync(conns.close)
         if tempdir is not None:
@@ -273,12 +267,9 @@ class SQLiteStore:
         await self._call(_schema.delete_thread, user_id, thread_id, write=True)
 
     def stats(self) -> PoolStats:
-        return PoolStats(
-            size=self.size,
-            in_use=self._in_use,
-            waiting=self._waiting,
-            waits_total=self._waits_total,
-        )
+        if self._gate is None:
+            return PoolStats(size=self.size, in_use=0, waiting=0, waits_total=0)
+        return self._gate.stats()
 
     # -- plumbing ---------------------------------------------------------
 
@@ -287,25 +278,10 @@ class SQLiteStore:
         borrowed connection. Waiting for a free connection counts against
         ``store_timeout_s``; the thread itself is bounded by ``busy_timeout``
         and is never abandoned (it holds a connection)."""
-        limiter, threads = self._limiter, self._threads
-        if limiter is None or threads is None:
+        gate = self._gate
+        if gate is None:
             raise StoreError("the store is not open")
-        if limiter.available_tokens == 0 or limiter.statistics().tasks_waiting:
-            self._waits_total += 1
-        self._waiting += 1
-        try:
-            with trio.move_on_after(self.config.store_timeout_s) as waited:
-                await limiter.acquire()
-        finally:
-            self._waiting -= 1
-        if waited.cancelled_caught:
-            raise StoreError("the database is busy")
-        self._in_use += 1
-        try:
-            return await trio.to_thread.run_sync(self._work, op, args, write, limiter=threads)
-        finally:
-            self._in_use -= 1
-            limiter.release()
+        return await gate.run(self._work, op, args, write)
 
     def _work(self, op: Callable[..., T], args: tuple[Any, ...], write: bool) -> T:
         conns = self._conns

@@ -1,0 +1,62 @@
+"""Worker-thread access to a fixed number of database connections.
+
+Both backends use synchronous drivers from worker threads. A :class:`Gate`
+admits at most ``size`` operations at once (one per connection), bounds the
+wait for a turn by ``timeout_s``, runs the operation in a thread of its own
+limiter (so store threads never compete with other ``to_thread`` users), and
+keeps the counts :class:`~netra.store.base.PoolStats` reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import attrs
+import trio
+
+from ..errors import StoreError
+from .base import PoolStats
+
+T = TypeVar("T")
+
+
+@attrs.define(eq=False)
+class Gate:
+    size: int
+    timeout_s: float
+    _limiter: trio.CapacityLimiter = attrs.field(init=False)
+    # to_thread's own limiter: never contended (the one above is taken first),
+    # it only keeps our threads out of trio's default, shared limiter.
+    _threads: trio.CapacityLimiter = attrs.field(init=False)
+    in_use: int = 0
+    waiting: int = 0
+    waits_total: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self._limiter = trio.CapacityLimiter(self.size)
+        self._threads = trio.CapacityLimiter(self.size)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker thread once a connection is free. The
+        thread is never abandoned: it holds a connection until it returns."""
+        limiter = self._limiter
+        if limiter.available_tokens == 0 or limiter.statistics().tasks_waiting:
+            self.waits_total += 1
+        self.waiting += 1
+        try:
+            with trio.move_on_after(self.timeout_s) as waited:
+                await limiter.acquire()
+        finally:
+            self.waiting -= 1
+        if waited.cancelled_caught:
+            raise StoreError("the database is busy")
+        self.in_use += 1
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._threads)
+        finally:
+            self.in_use -= 1
+            limiter.release()
+
+    def stats(self) -> PoolStats:
+        return PoolStats(size=self.size, in_use=self.in_use, waiting=self.waiting, waits_total=self.waits_total)

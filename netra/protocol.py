@@ -9,6 +9,7 @@ nobody on the team wrote. ``ts`` is server time in integer epoch milliseconds.
 from __future__ import annotations
 
 import json
+from types import MappingProxyType
 from typing import Any, ClassVar, Final, Literal
 
 import attrs
@@ -289,7 +290,13 @@ def event_fields(event: Event) -> dict[str, Any]:
     custom = getattr(event, "fields", None)
     if custom is not None:
         return custom()
-    return {k: v for k, v in attrs.asdict(event, recurse=False).items() if v is not None}
+    out = {}
+    for name in _FIELD_NAMES[type(event)]:
+        value = getattr(event, name)
+        if value is not None:
+            out[name] = value
+    return out
+
 
 
 def encode_event(event: Event, *, seq: int, ts: int) -> str:
@@ -327,6 +334,12 @@ _EVENT_CLASSES: Final[dict[str, type]] = {
         TextDelta, AgentCompleted, AgentError, AgentCancelled, Error, Pong,
     )
 }
+
+
+#: Field names per event class, in wire order (encoding reads these, not attrs.asdict).
+_FIELD_NAMES: Final = MappingProxyType(
+    {cls: tuple(f.name for f in attrs.fields(cls)) for cls in _EVENT_CLASSES.values()}
+)
 
 
 @attrs.frozen(kw_only=True)

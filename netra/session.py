@@ -55,6 +55,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("netra.session")
 
+#: Most events the writer sends in one transport write.
+_MAX_BATCH = 64
+
 
 @attrs.define(eq=False)
 class Session:
@@ -214,15 +217,26 @@ class Session:
         """The only task that writes to the socket."""
         try:
             async for event in self._recv:
-                if isinstance(event, RunEvent):
-                    if event.run_id not in self._owned:
-                        self.hub.metrics.isolation_violations.inc()
-                        log.error("dropped an event of a run this connection does not own")
-                        continue
-                    if event.type in TERMINAL:
-                        self._owned.discard(event.run_id)
-                self.seq += 1
-                await self.ws.send_text(encode_event(event, seq=self.seq, ts=int(time.time() * 1000)))
+                batch = [event]  # whatever else is already queued goes in the same write
+                while len(batch) < _MAX_BATCH:
+                    try:
+                        batch.append(self._recv.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                ts = int(time.time() * 1000)
+                texts = []
+                for item in batch:
+                    if isinstance(item, RunEvent):
+                        if item.run_id not in self._owned:
+                            self.hub.metrics.isolation_violations.inc()
+                            log.error("dropped an event of a run this connection does not own")
+                            continue
+                        if item.type in TERMINAL:
+                            self._owned.discard(item.run_id)
+                    self.seq += 1
+                    texts.append(encode_event(item, seq=self.seq, ts=ts))
+                if texts:
+                    await self.ws.send_texts(texts)
         finally:
             self._writer_done.set()
 

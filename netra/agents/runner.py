@@ -79,6 +79,7 @@ class AgentLoop:
     usage: dict[str, int] = attrs.field(factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
     tool_calls: list[ToolCallRecord] = attrs.field(factory=list)
     _output_bytes: int = 0
+    _announced_step: int = 0  # the last step an agent_thinking was sent for
 
     @property
     def text(self) -> str:
@@ -110,35 +111,45 @@ class AgentLoop:
         request = ModelRequest(messages=tuple(messages), tools=specs, model=self.agent.model)
         calls: list[ToolCallRequest] = []
         turn_text: list[str] = []
-        thought = False
-        async with self.model_limiter, self.model.stream(request) as events:
-            timeout = self.limits.first_chunk_timeout_s
-            while True:
-                with trio.move_on_after(timeout) as waited:
+        timeout = self.limits.first_chunk_timeout_s
+        # one scope for the whole turn: its deadline is armed only while waiting
+        # for the model (not while our own events are queued) and moved per chunk
+        with trio.CancelScope() as waiting:
+            async with self.model_limiter, self.model.stream(request) as events:
+                while True:
+                    waiting.deadline = trio.current_time() + timeout
                     event = await anext(events, None)
-                if waited.cancelled_caught:
-                    raise LLMError(f"the model sent nothing for {timeout:g}s")
-                if event is None:
-                    break
-                timeout = self.limits.idle_timeout_s
-                match event:
-                    case Reasoning(text=text):
-                        await self.emit(self._thinking(text, step))
-                        thought = True
-                    case TextChunk(text=text) if text:
-                        if not thought:  # every step is announced before its output
-                            await self.emit(self._thinking("", step))
-                            thought = True
-                        await self._text(text)
-                        turn_text.append(text)
-                    case ToolCallRequest():
-                        calls.append(event)
-                    case Usage(prompt_tokens=p, completion_tokens=c):
-                        self.usage["prompt_tokens"] += p
-                        self.usage["completion_tokens"] += c
-        if not thought:
+                    waiting.deadline = math.inf
+                    if event is None:
+                        break
+                    timeout = self.limits.idle_timeout_s
+                    await self._handle(event, step, calls, turn_text)
+        if waiting.cancelled_caught:
+            raise LLMError(f"the model sent nothing for {timeout:g}s")
+        if self._announced_step != step:  # at least one agent_thinking per step
+            self._announced_step = step
             await self.emit(self._thinking("", step))
         return tuple(calls), "".join(turn_text)
+
+    async def _handle(
+        self, event: object, step: int, calls: list[ToolCallRequest], turn_text: list[str]
+    ) -> None:
+        """One streamed model event: the step is announced before its first output."""
+        match event:
+            case Reasoning(text=text):
+                self._announced_step = step
+                await self.emit(self._thinking(text, step))
+            case TextChunk(text=text) if text:
+                if self._announced_step != step:
+                    self._announced_step = step
+                    await self.emit(self._thinking("", step))
+                await self._text(text)
+                turn_text.append(text)
+            case ToolCallRequest():
+                calls.append(event)
+            case Usage(prompt_tokens=p, completion_tokens=c):
+                self.usage["prompt_tokens"] += p
+                self.usage["completion_tokens"] += c
 
     def _thinking(self, text: str, step: int) -> AgentThinking:
         return AgentThinking(

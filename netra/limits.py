@@ -134,5 +134,8 @@ class BoundedMap(Generic[K, V]):
         while len(self._data) > self.size:
             self._data.popitem(last=False)
 
+    def pop(self, key: K) -> V | None:
+        return self._data.pop(key, None)
+
     def __len__(self) -> int:
         return len(self._data)

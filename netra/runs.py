@@ -56,6 +56,9 @@ class Run:
     cancel_reason: str | None = None
     announced: bool = False  # run_queued or agent_started was sent
     started: bool = False  # agent_started was sent
+    thought: bool = False  # an agent_thinking was sent
+    #: The idempotency key this run holds in the hub's memory, if any.
+    id_key: tuple[str, str, str] | None = None
     terminal: str | None = None  # type of the terminal event sent, if any
     executing: bool = False
     pending: bool = True  # counted in the queue until it executes

@@ -32,6 +32,7 @@ from .errors import Busy, NetraError, NotFound, RunInProgress
 from .limits import TokenBucket, all_available
 from .protocol import (
     TERMINAL,
+    AgentThinking,
     Auth,
     Cancel,
     Connected,
@@ -206,11 +207,19 @@ class Session:
             run.announced = True
             self.hub.metrics.time_to_first_event.observe(trio.current_time() - run.received_at)
         if event.type in TERMINAL:
+            # every run has the same shape, even one that ended before its
+            # model said anything (or before it left the queue)
             if not run.started:
                 await self.emit(run, _started_for(run))
+            if not run.thought:
+                await self.emit(run, AgentThinking(
+                    run_id=run.id, thread_id=run.thread_id, agent=run.agent.name, text="", step=1
+                ))
             run.terminal = event.type
         elif event.type == "agent_started":
             run.started = True
+        elif event.type == "agent_thinking":
+            run.thought = True
         await self.put(event)
 
     async def _writer(self) -> None:
@@ -329,6 +338,7 @@ class Session:
         )
         if msg.id is not None:
             hub.accepted_ids[key] = run.id
+            run.id_key = key
         if hub.store is None:
             hub.thread_owners[thread_id] = user.user_id
         self.runs[run.id] = run
@@ -374,6 +384,8 @@ class Session:
         outcome = {"agent_completed": "completed", "agent_error": "failed"}.get(run.terminal or "", "cancelled")
         if run.terminal is None and run.cancel_reason is None and not run.announced:
             outcome = "refused"
+            if run.id_key is not None and self.hub.accepted_ids.get(run.id_key) == run.id:
+                self.hub.accepted_ids.pop(run.id_key)  # refused: the same id may be retried
         m.runs_finished.labels(outcome, run.cancel_reason or "").inc()
         thread = self.user.threads.get(run.thread_id)
         if thread is not None:

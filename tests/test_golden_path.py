@@ -146,6 +146,13 @@ async def test_failing_model_ends_the_run_with_llm_error(server):
             assert_run_shape(await conn.collect(CALC))
 
 
+async def test_a_run_that_fails_before_any_output_still_thinks_once(server):
+    with trio.fail_after(10):
+        async with connect(server.ws_url, token_for(server, "ivy")) as conn:
+            events = await conn.collect("[[model:fail]]")
+            assert [e.type for e in events] == ["agent_started", "agent_thinking", "agent_error"]
+
+
 async def test_disconnect_mid_run_cancels_the_run_and_its_tool():
     entered, cancelled = trio.Event(), trio.Event()
 

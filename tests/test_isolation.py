@@ -226,7 +226,8 @@ async def test_cancelled_while_queued_keeps_the_run_shape():
             second = conn.run(CALC, thread_id=started.raw["thread_id"], multitask="enqueue")
             queued = await until(second, "run_queued")
             await conn.cancel(run_id=queued.raw["run_id"])
-            assert [e.type for e in [e async for e in second]] == ["agent_started", "agent_cancelled"]
+            shape = [e.type for e in [e async for e in second]]
+            assert shape == ["agent_started", "agent_thinking", "agent_cancelled"]
             await conn.cancel(run_id=started.raw["run_id"])
             assert [e async for e in first][-1].type == "agent_cancelled"
 

@@ -107,6 +107,8 @@ async def test_threads_are_private(backend):
                 assert answer.status_code == 404 and answer.json()["code"] == "not_found"
             assert (await server.http.get("/api/threads", headers=auth(server, "intruder"))).json() == {"threads": []}
             assert (await server.http.get("/api/threads")).status_code == 401
+            bad = await server.http.get("/api/threads?limit=abc", headers=auth(server, "owner"))
+            assert bad.status_code == 400 and bad.json()["code"] == "bad_request"
             deleted = await server.http.delete(f"/api/threads/{thread}", headers=auth(server, "owner"))
             assert deleted.status_code == 204
             again = await server.http.get(f"/api/threads/{thread}", headers=auth(server, "owner"))
@@ -163,15 +165,15 @@ async def test_store_outage_fails_cleanly_and_recovers(backend):
                 assert (await server.http.get("/readyz")).status_code == 200
                 async with backend.outage():
                     with pytest.raises(RunRefused) as refused:
-                        await conn.collect(CALC)
-                    assert refused.value.code == "store_error"
+                        await conn.collect(CALC, id="retry-after-outage")
+                    assert refused.value.code == "store_error" and refused.value.raw["ref"] == "retry-after-outage"
                     await conn.ping()  # the connection and the server keep serving
                     assert (await server.http.get("/healthz")).status_code == 200
                     ready = await server.http.get("/readyz")
                     assert ready.status_code == 503 and "store unavailable" in ready.json()["problems"]
-                for _ in range(100):  # the pool reconnects on its own
+                for _ in range(100):  # the pool reconnects on its own; the same id may be retried
                     try:
-                        events = await conn.collect(CALC)
+                        events = await conn.collect(CALC, id="retry-after-outage")
                         break
                     except RunRefused:
                         await trio.sleep(0.1)

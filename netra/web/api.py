@@ -14,7 +14,7 @@ from quart import jsonify, request
 from quart_trio import QuartTrio
 
 from ..auth import Identity, bearer_token
-from ..errors import NetraError, NotFound, StoreError, Unauthorized
+from ..errors import BadRequest, NetraError, NotFound, StoreError, Unauthorized
 from ..hub import Hub
 
 _STATUS = {Unauthorized: 401, NotFound: 404, StoreError: 503}
@@ -40,7 +40,10 @@ def register_api(app: QuartTrio, hub: Hub) -> None:
     @app.get("/api/threads")
     async def list_threads() -> Any:
         who = identify()
-        limit = min(max(int(request.args.get("limit", 100)), 1), 500)
+        try:
+            limit = min(max(int(request.args.get("limit", 100)), 1), 500)
+        except ValueError:
+            raise BadRequest("'limit' must be a whole number") from None
         threads = await store().list_threads(who.user_id, limit=limit)
         return jsonify(threads=[attrs.asdict(t) for t in threads])
 

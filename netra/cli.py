@@ -76,13 +76,22 @@ def _serve(args: argparse.Namespace) -> int:
 
     def ready(server) -> None:
         print(f"netra {__version__} listening on {server.http_url}", file=sys.stderr, flush=True)
+        print(f"  Web chat:  {server.http_url}/", file=sys.stderr, flush=True)
         print(f"  WebSocket: {server.ws_url}", file=sys.stderr, flush=True)
         if config.dev_mode:
             claims = {k: v for k, v in (("aud", config.jwt_audience), ("iss", config.jwt_issuer)) if v}
             token = mint_token(config.jwt_secret, "dev-user", ttl_s=24 * 3600, **claims)
             print("  development mode: a secret was generated for this run only", file=sys.stderr)
             print(f"  token (user dev-user, 24 h): {token}", file=sys.stderr)
-            print(f"  try: netra chat --url {server.ws_url} --token {token}", file=sys.stderr, flush=True)
+            print(f"  try: {_self_command()} chat --url {server.ws_url} --token {token}", file=sys.stderr, flush=True)
 
     trio.run(functools.partial(serve_forever, hub, on_ready=ready))
     return 0
+
+
+def _self_command() -> str:
+    """How this program was started (``.venv/bin/netra`` under make), for hints."""
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) == "netra" and os.path.exists(argv0):
+        return os.path.relpath(argv0)
+    return "netra"

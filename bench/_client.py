@@ -19,6 +19,7 @@ figures of a run that broke the contract never count as a success:
 from __future__ import annotations
 
 import json
+import uuid
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -105,6 +106,9 @@ class User:
     last_seq: int = 0
     my_runs: set[str] = field(default_factory=set)
     finished_at: float = 0.0
+    #: Makes message ids unique per scenario run: netra treats a repeated id
+    #: on the same user as an idempotent retry and starts no second run.
+    nonce: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
     async def connect(self, nursery: trio.Nursery, url: str, token: str, timeout_s: float) -> bool:
         headers = [(b"authorization", f"Bearer {token}".encode())]
@@ -145,7 +149,7 @@ class User:
         try:
             for k in range(messages):
                 text, args = message_for(self.user_no, k)
-                if not await self._one_run(f"{self.sub}-m{k}", text, args, run_timeout_s):
+                if not await self._one_run(f"{self.sub}-{self.nonce}-m{k}", text, args, run_timeout_s):
                     break
         except ConnectionClosed as exc:
             self.tally.disconnects += 1

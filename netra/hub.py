@@ -47,10 +47,12 @@ class Hub:
     users: dict[str, UserState] = attrs.field(factory=dict)
     sessions: set[Any] = attrs.field(factory=set)
     queued_runs: int = 0
-    #: Accepted client message ids, (user, thread, id) -> run_id, when there is no store.
-    accepted_ids: BoundedMap = attrs.field(factory=lambda: BoundedMap(200_000))
+    #: Recently accepted client message ids, (user, thread, id) -> run_id: the
+    #: fast path of idempotency (the store, when there is one, is the record).
+    #: Bounded: about 250 bytes an entry, so at most ~12 MiB.
+    accepted_ids: BoundedMap = attrs.field(factory=lambda: BoundedMap(50_000))
     #: Thread owners when there is no store (a store checks ownership itself).
-    thread_owners: BoundedMap = attrs.field(factory=lambda: BoundedMap(200_000))
+    thread_owners: BoundedMap = attrs.field(factory=lambda: BoundedMap(50_000))
     #: Tools every agent may call besides its own (chaos tools, tools given to build()).
     shared_tools: tuple[str, ...] = ()
     draining: bool = False

@@ -8,7 +8,8 @@ between them in one invocation so that they share the machine's state; the
 JSON then carries netra/peer and netra/floor ratios.
 
 The JSON goes to stdout (and ``--json PATH``); progress goes to stderr.
-See bench/README.md for what every figure means.
+See bench/README.md for what every figure means. ``python -m bench chaos
+...`` runs the chaos benchmark instead (bench/chaos.py).
 """
 
 from __future__ import annotations
@@ -174,6 +175,11 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["chaos"]:  # python -m bench chaos ...: healthy users beside faulty ones
+        from .chaos import main as chaos_main
+
+        return chaos_main(argv[1:])
     args = _parse(argv)
     try:
         out = trio.run(_bench, args)

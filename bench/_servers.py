@@ -119,13 +119,18 @@ def command(kind: str, port: int) -> list[str]:
     return [sys.executable, str(ROOT / "bench" / "peers" / script), "--host", HOST, "--port", str(port)]
 
 
-def start(kind: str, *, secret: str, delay_ms: float, log_dir: Path) -> Server:
-    """Start one server (not yet ready: see :func:`wait_ready`)."""
+def start(kind: str, *, secret: str, delay_ms: float, log_dir: Path,
+          netra_defaults: dict[str, str] | None = None, netra_forced: dict[str, str] | None = None) -> Server:
+    """Start one server (not yet ready: see :func:`wait_ready`).
+
+    For netra, ``netra_defaults`` (then :data:`NETRA_DEFAULTS`) apply unless
+    the caller's environment sets the variable; ``netra_forced`` always applies."""
     port = free_port()
     env = dict(os.environ)
     if kind == "netra":
-        for key, value in NETRA_DEFAULTS.items():
+        for key, value in {**NETRA_DEFAULTS, **(netra_defaults or {})}.items():
             env.setdefault(key, value)
+        env.update(netra_forced or {})
     env["NETRA_JWT_SECRET"] = secret
     env["NETRA_SCRIPTED_DELAY_MS"] = str(delay_ms)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -150,6 +155,109 @@ async def _probe(server: Server) -> bool:
                 return head.split(b" ", 2)[1:2] == [b"200"]
     except (OSError, trio.TooSlowError, trio.BrokenResourceError, IndexError):
         return False
+
+
+async def http_get(port: int, path: str, *, host: str = HOST, timeout_s: float = 5.0) -> tuple[int, bytes]:
+    """``GET path`` over a fresh loopback connection: (status, body). Enough
+    HTTP/1.1 for the server's own small endpoints (/readyz, /metrics): a
+    Content-Length or chunked body (hypercorn answers ``Connection: close``
+    but may keep the socket open, so the body's end is found by length)."""
+    with trio.fail_after(timeout_s):
+        stream = await trio.open_tcp_stream(host, port)
+        async with stream:
+            await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            data = bytearray()
+
+            async def more() -> bool:
+                chunk = await stream.receive_some(1 << 16)
+                data.extend(chunk)
+                return bool(chunk)
+
+            while b"\r\n\r\n" not in data:
+                if not await more():
+                    raise OSError("connection closed before the response head")
+            head, _, _ = bytes(data).partition(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            status = int(lines[0].split(b" ", 2)[1])
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
+            start = len(head) + 4
+            if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+                body, pos = bytearray(), start
+                while True:
+                    while b"\r\n" not in data[pos:]:
+                        if not await more():
+                            raise OSError("connection closed inside a chunked body")
+                    eol = data.index(b"\r\n", pos)
+                    size = int(bytes(data[pos:eol]).split(b";")[0], 16)
+                    if size == 0:
+                        return status, bytes(body)
+                    while len(data) < eol + 2 + size + 2:
+                        if not await more():
+                            raise OSError("connection closed inside a chunked body")
+                    body += data[eol + 2:eol + 2 + size]
+                    pos = eol + 2 + size + 2
+            length = int(headers.get(b"content-length", b"-1"))
+            while length < 0 or len(data) < start + length:
+                if not await more():
+                    if length < 0:
+                        break
+                    raise OSError("connection closed inside the body")
+            return status, bytes(data[start:start + length] if length >= 0 else data[start:])
+
+
+def fd_count(pid: int | None) -> int | None:
+    """Open file descriptors of ``pid`` (sockets included), from /proc/PID/fd."""
+    if pid is None:
+        return None
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+_TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1", "05": "FIN_WAIT2",
+               "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK", "0A": "LISTEN",
+               "0B": "CLOSING"}
+
+
+def tcp_sockets(port: int) -> dict[str, int]:
+    """TCP sockets whose local port is ``port`` (the server's side of its
+    connections), by state, from /proc/net/tcp{,6}; LISTEN and TIME_WAIT
+    left out. ``orphan:STATE`` are sockets no process holds any more (closed,
+    the kernel still flushing them); the others are held open by a process."""
+    out: dict[str, int] = {}
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or int(fields[1].rsplit(":", 1)[1], 16) != port:
+                continue
+            state = _TCP_STATES.get(fields[3], fields[3])
+            if state in ("LISTEN", "TIME_WAIT"):
+                continue
+            key = state if fields[9] != "0" else f"orphan:{state}"
+            out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def rss_mib(pid: int | None) -> dict[str, float] | None:
+    """VmRSS and VmHWM (peak) of ``pid`` in MiB, from /proc/PID/status."""
+    if pid is None:
+        return None
+    out: dict[str, float] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = round(int(value.split()[0]) / 1024, 1)  # kB
+    except OSError:
+        return None
+    return {"rss": out.get("VmRSS"), "hwm": out.get("VmHWM")}
 
 
 async def wait_ready(server: Server, timeout_s: float = 30.0) -> None:

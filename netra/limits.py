@@ -30,8 +30,10 @@ class TokenBucket:
     burst: int
     _tokens: float = attrs.field(init=False)
     _stamp: float = attrs.field(init=False)
-    #: Consecutive refusals (reset by an accepted message): sustained abuse.
-    refused_in_a_row: int = 0
+    #: Refusals, forgotten at ``rate`` per second: it climbs only while the
+    #: client keeps sending well above its rate (sustained abuse), however
+    #: slowly a busy server happens to read its frames.
+    abuse: float = 0.0
 
     def __attrs_post_init__(self) -> None:
         self._tokens = float(self.burst)
@@ -39,13 +41,14 @@ class TokenBucket:
 
     def take(self) -> bool:
         now = trio.current_time()
-        self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) * self.rate)
+        elapsed = now - self._stamp
+        self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
+        self.abuse = max(0.0, self.abuse - elapsed * self.rate)
         self._stamp = now
         if self._tokens >= 1.0:
             self._tokens -= 1.0
-            self.refused_in_a_row = 0
             return True
-        self.refused_in_a_row += 1
+        self.abuse += 1.0
         return False
 
     def retry_after_ms(self) -> int:

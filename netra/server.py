@@ -97,6 +97,7 @@ class Server:
         async with trio.open_nursery() as nursery:
             self.urls = await nursery.start(_serve, app, hypercorn_config(self.hub), shutdown_trigger)
             nursery.start_soon(_watch_loop_lag, self.hub, drained)
+            nursery.start_soon(_sweep_slow_consumers, self.hub, drained)
             task_status.started(self)
         self._stopped.set()
 
@@ -109,6 +110,23 @@ async def _watch_loop_lag(hub: Hub, stop: trio.Event, *, interval_s: float = 0.2
         with trio.move_on_after(interval_s):
             await stop.wait()
         hub.metrics.loop_lag.set(max(0.0, trio.current_time() - asked))
+
+
+async def _sweep_slow_consumers(hub: Hub, stop: trio.Event) -> None:
+    """A client that stops reading blocks its writer inside one socket write
+    long before its event queue fills (a busy run fills it slowly). One sweep
+    for all connections finds writers stuck longer than the slow-consumer
+    timeout, at a cost of one attribute read per connection per tick."""
+    timeout = hub.config.slow_consumer_timeout_s
+    tick = max(0.05, timeout / 4)
+    while not stop.is_set():
+        with trio.move_on_after(tick):
+            await stop.wait()
+        now = trio.current_time()
+        for session in list(hub.sessions):
+            since = session.send_since
+            if since is not None and now - since > timeout:
+                session.slow_consumer()
 
 
 async def _serve(

@@ -74,6 +74,8 @@ class Session:
     bucket: TokenBucket = attrs.field(init=False)
     seq: int = 0
     bad_frames: int = 0
+    #: When the writer's current socket write began (None: not writing).
+    send_since: float | None = None
     close_code: int | None = None
     closing: bool = False
     _send: trio.MemorySendChannel[Event] = attrs.field(init=False)
@@ -193,6 +195,11 @@ class Session:
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
             return
+        self.slow_consumer()
+
+    def slow_consumer(self) -> None:
+        """The client does not read its events: close 4430 (the socket is cut
+        if even the close frame cannot be delivered)."""
         if not self.closing:
             log.info("slow consumer", extra={"connection_id": self.connection_id, "user_id": self.identity.user_id})
             self.hub.metrics.slow_consumer_closes.inc()
@@ -245,7 +252,9 @@ class Session:
                     self.seq += 1
                     texts.append(encode_event(item, seq=self.seq, ts=ts))
                 if texts:
+                    self.send_since = trio.current_time()  # watched by the slow-consumer sweep
                     await self.ws.send_texts(texts)
+                    self.send_since = None
         finally:
             self._writer_done.set()
 
@@ -272,7 +281,7 @@ class Session:
                 continue
             if not self.bucket.take():
                 self.hub.metrics.bad_frames.labels("rate_limited").inc()
-                if self.bucket.refused_in_a_row >= c.rate_abuse_limit:
+                if self.bucket.abuse >= c.rate_abuse_limit:
                     self.close(errors.CLOSE_TOO_MANY, "message rate exceeded")
                     return
                 await self.put(Error(

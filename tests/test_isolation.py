@@ -471,3 +471,37 @@ async def test_a_flooding_user_cannot_starve_others():
             assert_run_shape(events)
             for run in backlog:
                 assert [e async for e in run][-1].type == "agent_completed"
+
+
+def _hypercorn_connection_tasks() -> int:
+    count = 0
+
+    def walk(task: trio.lowlevel.Task) -> None:
+        nonlocal count
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                count += child.name.endswith("_run_handler")  # one per TCP connection
+                walk(child)
+
+    walk(trio.lowlevel.current_root_task())
+    return count
+
+
+async def test_a_flooder_that_never_reads_leaves_nothing_behind():
+    """Frames nobody will read must not strand the connection: hypercorn
+    delivers its final disconnect into the app's queue even after the app has
+    ended, so the app reads until that disconnect before returning."""
+    async with scenario(rate_per_s=5, rate_burst=5, rate_abuse_limit=20) as server:
+        raw = await open_raw(server.ws_url, token_for(server, "flooder"), rcvbuf=4096)
+        await raw.read_event()
+        with trio.move_on_after(3):
+            try:
+                for _ in range(5000):
+                    await raw.send_frame(OP_TEXT, b'{"type": "ping"}')
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+        assert server.hub.metrics.connections_closed.labels("4429")._value.get() == 1
+        await raw.stream.aclose()
+        with trio.fail_after(10):
+            while _hypercorn_connection_tasks() > 1:  # the control user's own
+                await trio.sleep(0.05)

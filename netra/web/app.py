@@ -126,6 +126,15 @@ async def serve_websocket(hub: Hub, ws: WebSocket) -> None:
             m.connections_refused.labels("401").inc()
             return await ws.reject(401, {"code": exc.code, "message": exc.message})
     await ws.accept(SUBPROTOCOL if SUBPROTOCOL in ws.subprotocols else None)
+    try:
+        await _serve_accepted(hub, ws, identity)
+    finally:
+        with trio.CancelScope(shield=True):
+            await ws.finish(c.close_timeout_s)
+
+
+async def _serve_accepted(hub: Hub, ws: WebSocket, identity: object | None) -> None:
+    c, m = hub.config, hub.metrics
     if identity is None:
         with trio.move_on_after(c.auth_timeout_s) as waited:
             frame = await ws.receive()

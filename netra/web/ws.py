@@ -62,7 +62,8 @@ class WebSocket:
     _send: Any
     _stream: trio.SocketStream | None = attrs.field(init=False)
     _ws_stream: Any = attrs.field(init=False)
-    closed: bool = attrs.field(init=False, default=False)
+    closed: bool = attrs.field(init=False, default=False)  # nothing more may be sent
+    disconnected: bool = attrs.field(init=False, default=False)  # websocket.disconnect was received
     #: Close code the peer sent, or 1006 when the connection just ended.
     disconnect_code: int | None = attrs.field(init=False, default=None)
 
@@ -106,7 +107,7 @@ class WebSocket:
 
     async def receive(self) -> str | bytes | None:
         """The next frame's payload, or None once the peer is gone."""
-        if self.closed:
+        if self.disconnected:
             return None
         message = await self._receive()
         match message["type"]:
@@ -114,11 +115,28 @@ class WebSocket:
                 text = message.get("text")
                 return text if text is not None else (message.get("bytes") or b"")
             case "websocket.disconnect":
-                self.closed = True
+                self.closed = self.disconnected = True
                 self.disconnect_code = message.get("code", 1006)
                 return None
             case _:
                 return None
+
+    async def finish(self, timeout_s: float) -> None:
+        """Read until ``websocket.disconnect`` before the app returns.
+
+        hypercorn delivers that message into the app's bounded queue even
+        after the app has finished; if frames nobody will read fill the queue,
+        the delivery blocks forever and strands the socket and its tasks. So
+        the app drains: first waiting for the peer to finish closing, then,
+        if it will not, cutting the socket and draining what was queued."""
+        with trio.move_on_after(timeout_s):
+            while await self.receive() is not None:
+                pass
+        if not self.disconnected:
+            self.abort()
+            with trio.move_on_after(timeout_s):
+                while await self.receive() is not None:
+                    pass
 
     async def send_text(self, text: str) -> None:
         if not self.closed:

@@ -150,3 +150,19 @@ class MachineBusy:
         m1 = _servers.machine_cpu()
         total = m1[1] - self.m0[1]
         return round((m1[0] - self.m0[0]) / total, 3) if total > 0 else None
+
+
+def write_result(out: dict, json_path: str | None) -> None:
+    """A benchmark's result: the summary on stderr, everything on stdout and,
+    with ``--json PATH``, in that file."""
+    import json
+    import sys
+    from pathlib import Path
+
+    print(json.dumps(out["summary"], indent=2), file=sys.stderr)
+    text = json.dumps(out, indent=2)
+    print(text)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(text + "\n")
+

@@ -275,12 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.processes = max(1, min(args.processes, math.ceil(args.connections / 100)))
     out = trio.run(_bench, args)
-    print(json.dumps(out["summary"], indent=2), file=sys.stderr)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+    _spawn.write_result(out, args.json)
     ok = all(r["connected"] == args.connections and not r["readyz_connections"]["after_close"]
              for r in out["servers"].values())
     return 0 if ok else 1

@@ -22,7 +22,6 @@ FastAPI peer (``--no-peer`` to skip) for comparison.
 from __future__ import annotations
 
 import argparse
-import json
 import secrets
 import statistics
 import sys
@@ -166,12 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     out = trio.run(_bench, args)
-    print(json.dumps(out["summary"], indent=2), file=sys.stderr)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+    _spawn.write_result(out, args.json)
     netra = out["servers"]["netra"]
     left = netra["leftovers_after_settle"]
     clean = all(not left.get(k) for k in ("connections", "runs_borrowed", "queued_runs"))

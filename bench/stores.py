@@ -11,7 +11,6 @@ ratio to "none".
 from __future__ import annotations
 
 import argparse
-import json
 import secrets
 import statistics
 import sys
@@ -25,6 +24,7 @@ from urllib.parse import urlsplit
 import trio
 
 from . import _servers
+from . import _spawn
 from .load import run_scenario
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
@@ -121,12 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     out = trio.run(_bench, args)
-    print(json.dumps(out["summary"], indent=2), file=sys.stderr)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+    _spawn.write_result(out, args.json)
     return 0 if all(s["success_rate"] == 1.0 for s in out["summary"].values()) else 1
 
 

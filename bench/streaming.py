@@ -348,12 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     out = trio.run(_bench, args)
-    print(json.dumps(out["summary"], indent=2), file=sys.stderr)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+    _spawn.write_result(out, args.json)
     return 0 if all(s["failures"] == 0 for s in out["summary"].values() if isinstance(s, dict)) else 1
 
 

@@ -30,15 +30,7 @@ from ..config import Config
 from ..errors import StoreError
 from . import _schema
 from ._gate import Gate
-from .base import (
-    PoolStats,
-    RunOutcome,
-    RunRecord,
-    RunStart,
-    RunStarted,
-    StoredMessage,
-    ThreadRecord,
-)
+from ._operations import SqlOperations
 
 T = TypeVar("T")
 
@@ -68,7 +60,7 @@ def _store_error(exc: Exception) -> StoreError:
 
 
 @attrs.define(eq=False)
-class PostgresStore:
+class PostgresStore(SqlOperations):
     """:class:`netra.store.base.Store` on PostgreSQL (``database_url`` is any
     libpq URL, ``postgresql://`` or ``postgres://``)."""
 
@@ -138,43 +130,9 @@ class PostgresStore:
         if pool is not None:
             await trio.to_thread.run_sync(lambda: pool.close(timeout=5.0))
 
-    # -- the Store interface ----------------------------------------------
-
-    async def ping(self) -> None:
-        await self._call(_schema.ping)
-
-    async def begin_run(self, start: RunStart) -> RunStarted:
-        return await self._call(_schema.begin_run, start)
-
-    async def finish_run(self, outcome: RunOutcome) -> None:
-        await self._call(_schema.finish_run, outcome)
-
-    async def history(self, thread_id: str, *, limit: int) -> list[StoredMessage]:
-        if limit <= 0:  # PostgreSQL rejects a negative LIMIT
-            return []
-        return await self._call(_schema.history, thread_id, limit)
-
-    async def list_threads(self, user_id: str, *, limit: int = 100) -> list[ThreadRecord]:
-        if limit <= 0:
-            return []
-        return await self._call(_schema.list_threads, user_id, limit)
-
-    async def get_thread(
-        self, user_id: str, thread_id: str
-    ) -> tuple[ThreadRecord, list[StoredMessage], list[RunRecord]]:
-        return await self._call(_schema.get_thread, user_id, thread_id)
-
-    async def delete_thread(self, user_id: str, thread_id: str) -> None:
-        await self._call(_schema.delete_thread, user_id, thread_id)
-
-    def stats(self) -> PoolStats:
-        if self._gate is None:
-            return PoolStats(size=self.size, in_use=0, waiting=0, waits_total=0)
-        return self._gate.stats()
-
     # -- plumbing ---------------------------------------------------------
 
-    async def _call(self, op: Callable[..., T], *args: Any) -> T:
+    async def _call(self, op: Callable[..., T], *args: Any, write: bool = False) -> T:
         """Run ``op(db, *args)`` in a worker thread, in one transaction, on a
         borrowed connection. Waiting for our turn counts against
         ``store_timeout_s``; the thread itself is bounded by the pool timeout

@@ -38,15 +38,7 @@ from ..config import Config
 from ..errors import NetraError, StoreError
 from . import _schema
 from ._gate import Gate
-from .base import (
-    PoolStats,
-    RunOutcome,
-    RunRecord,
-    RunStart,
-    RunStarted,
-    StoredMessage,
-    ThreadRecord,
-)
+from ._operations import SqlOperations
 
 T = TypeVar("T")
 
@@ -186,7 +178,7 @@ class _Connections:
 
 
 @attrs.define(eq=False)
-class SQLiteStore:
+class SQLiteStore(SqlOperations):
     """:class:`netra.store.base.Store` on an SQLite file."""
 
     config: Config
@@ -235,41 +227,6 @@ class SQLiteStore:
             await trio.to_thread.run_sync(conns.close)
         if tempdir is not None:
             await trio.to_thread.run_sync(lambda: shutil.rmtree(tempdir, ignore_errors=True))
-
-    # -- the Store interface ----------------------------------------------
-
-    async def ping(self) -> None:
-        # take the write lock (and give it back): ready means runs can be recorded
-        await self._call(_schema.ping, write=True)
-
-    async def begin_run(self, start: RunStart) -> RunStarted:
-        return await self._call(_schema.begin_run, start, write=True)
-
-    async def finish_run(self, outcome: RunOutcome) -> None:
-        await self._call(_schema.finish_run, outcome, write=True)
-
-    async def history(self, thread_id: str, *, limit: int) -> list[StoredMessage]:
-        if limit <= 0:
-            return []
-        return await self._call(_schema.history, thread_id, limit)
-
-    async def list_threads(self, user_id: str, *, limit: int = 100) -> list[ThreadRecord]:
-        if limit <= 0:
-            return []
-        return await self._call(_schema.list_threads, user_id, limit)
-
-    async def get_thread(
-        self, user_id: str, thread_id: str
-    ) -> tuple[ThreadRecord, list[StoredMessage], list[RunRecord]]:
-        return await self._call(_schema.get_thread, user_id, thread_id)
-
-    async def delete_thread(self, user_id: str, thread_id: str) -> None:
-        await self._call(_schema.delete_thread, user_id, thread_id, write=True)
-
-    def stats(self) -> PoolStats:
-        if self._gate is None:
-            return PoolStats(size=self.size, in_use=0, waiting=0, waits_total=0)
-        return self._gate.stats()
 
     # -- plumbing ---------------------------------------------------------
 

@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from . import _servers
-from .load import LineReader
+from .load import LineReader, cpu_self, emit  # noqa: F401  (the workers' shared helpers)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,16 +31,6 @@ def raise_nofile() -> tuple[int, int]:
         except (ValueError, OSError):
             pass
     return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-def cpu_self() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def emit(tag: str, payload: dict[str, Any]) -> None:
-    sys.stdout.write(f"{tag} {json.dumps(payload, separators=(',', ':'))}\n")
-    sys.stdout.flush()
 
 
 async def spawn(module: str, specs: list[dict[str, Any]], secret: str) -> list[tuple[trio.Process, LineReader]]:

@@ -61,7 +61,7 @@ from wsproto.events import (
 from . import _servers
 from ._client import SUBPROTOCOL, TERMINAL, mint_token
 from ._servers import cpu_seconds, fd_count, http_get, machine_cpu, rss_mib, tcp_sockets
-from .load import ROOT, LineReader, _cpu_self, _emit, percentile, run_scenario
+from .load import ROOT, LineReader, cpu_self, emit, percentile, run_scenario
 
 FAULT_KINDS = ("tool_fail", "tool_hang", "disconnect", "slow_reader", "flood")
 
@@ -555,11 +555,11 @@ async def _worker(spec: dict[str, Any]) -> None:
     ctx = FaultCtx(spec)
     stdin = LineReader(trio.lowlevel.FdStream(os.dup(0)))
     users = [(kind, f"{spec['prefix']}-{kind}-u{n}") for kind, count in spec["mix"].items() for n in range(count)]
-    _emit("READY", {"users": len(users)})
+    emit("READY", {"users": len(users)})
     with trio.fail_after(spec["go_timeout_s"]):
         if (await stdin.readline()).strip() != "GO":
             raise RuntimeError("expected GO")
-    cpu0, t0 = _cpu_self(), time.monotonic()
+    cpu0, t0 = cpu_self(), time.monotonic()
 
     async def wait_stop() -> None:
         try:
@@ -587,7 +587,7 @@ async def _worker(spec: dict[str, Any]) -> None:
                 if grace.cancelled_caught:
                     ctx.stats.inc("_worker", "cycles_cut_at_stop", len(faults.child_tasks))
                 faults.cancel_scope.cancel()
-    _emit("RESULT", {"stats": ctx.stats.to_json(), "cpu_s": _cpu_self() - cpu0, "wall_s": time.monotonic() - t0,
+    emit("RESULT", {"stats": ctx.stats.to_json(), "cpu_s": cpu_self() - cpu0, "wall_s": time.monotonic() - t0,
                      "deadline_hit": deadline.cancelled_caught})
 
 

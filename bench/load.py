@@ -35,12 +35,12 @@ from ._servers import cpu_seconds, machine_cpu
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _cpu_self() -> float:
+def cpu_self() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
-def _emit(tag: str, payload: dict[str, Any]) -> None:
+def emit(tag: str, payload: dict[str, Any]) -> None:
     sys.stdout.write(f"{tag} {json.dumps(payload, separators=(',', ':'))}\n")
     sys.stdout.flush()
 
@@ -97,11 +97,11 @@ async def _worker(spec: dict[str, Any]) -> None:
             async with trio.open_nursery() as nursery:
                 for user in users:
                     nursery.start_soon(connect, user)
-            _emit("READY", {"connected": tally.connected, "connect_s": time.monotonic() - t0})
+            emit("READY", {"connected": tally.connected, "connect_s": time.monotonic() - t0})
             with trio.fail_after(spec["go_timeout_s"]):
                 if (await stdin.readline()).strip() != "GO":
                     raise RuntimeError("expected GO")
-            cpu0, t_start = _cpu_self(), time.monotonic()
+            cpu0, t_start = cpu_self(), time.monotonic()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_exit_when_orphaned, stdin)
                 async with trio.open_nursery() as runs:
@@ -110,10 +110,10 @@ async def _worker(spec: dict[str, Any]) -> None:
                             runs.start_soon(user.run_messages, messages, spec["run_timeout_s"])
                 nursery.cancel_scope.cancel()  # stop the watchdog
             t_end = max((u.finished_at for u in users), default=0.0) or time.monotonic()
-            cpu = _cpu_self() - cpu0
+            cpu = cpu_self() - cpu0
             tally.ttfe_ms = [round(x, 3) for x in tally.ttfe_ms]
             tally.ttc_ms = [round(x, 3) for x in tally.ttc_ms]
-            _emit("RESULT", {"tally": tally.to_json(), "cpu_s": cpu, "t_start": t_start, "t_end": t_end})
+            emit("RESULT", {"tally": tally.to_json(), "cpu_s": cpu, "t_start": t_start, "t_end": t_end})
             with trio.move_on_after(5):
                 async with trio.open_nursery() as nursery:
                     for user in users:

@@ -900,6 +900,7 @@ def _targets(report: dict[str, Any], mix: dict[str, int]) -> dict[str, bool]:
         "healthy_completion_rate_is_1": all(h["completion_rate"] == 1.0 for h in healthy.values()),
         "cross_user_events_is_0": report["cross_user_events"] == 0,
         "isolation_violations_is_0": report["isolation_violations"] == 0,
+        "runs_affected_is_0": not any(report["failure_containment"]["runs_affected"].values()),
         "leftover_is_0": all(v == 0 for ph in report["leftover"].values() for k, v in ph.items()
                              if k in READY_COUNTS),
     }
@@ -988,6 +989,12 @@ def _report(args: argparse.Namespace, rows: dict[str, dict[str, Any]], mix: dict
                               if rows["baseline"]["fds_before"] is not None
                               and list(rows.values())[-1]["fds_after"] is not None else None),
         "isolation_violations": list(rows.values())[-1]["metrics_after"].get("netra_isolation_violations_total"),
+        # runs that did not complete, charged to their own user, against runs
+        # stopped by anything outside their user (netra_runs_affected_total)
+        "failure_containment": {
+            "runs_failed": _mdelta(rows["baseline"], list(rows.values())[-1], "netra_runs_failed_total", "cause"),
+            "runs_affected": _mdelta(rows["baseline"], list(rows.values())[-1], "netra_runs_affected_total", "cause"),
+        },
         "server_rss_mib": {},
         "cpu_s": {
             ph: {"client_healthy": r["healthy"]["client_cpu_s"],
@@ -1066,6 +1073,9 @@ def _summary(report: dict[str, Any]) -> list[str]:
     met = report["targets"]
     lines.append(f"  verdict: {'all targets met' if report['targets_met'] else 'MISSED: ' + ', '.join(k for k, v in met.items() if not v)}"
                  f"  isolation_violations {report['isolation_violations']}  "
+                 f"runs failed {int(sum(report['failure_containment']['runs_failed'].values()))} "
+                 f"{json.dumps(report['failure_containment']['runs_failed'], separators=(',', ':'))} "
+                 f"other users' runs affected {int(sum(report['failure_containment']['runs_affected'].values()))}  "
                  f"rss drift {report['server_rss_mib']['drift_total']} MiB")
     return lines
 

@@ -119,6 +119,22 @@ class Metrics:
             registry=s.registry,
         )
     )
+    runs_failed: Counter = _registry_field(
+        lambda s: Counter(
+            "netra_runs_failed",
+            "Runs that did not complete because of their own user: their model, tools, limits or"
+            " connection (by cause). Failure containment: compare with netra_runs_affected_total.",
+            ["cause"], registry=s.registry,
+        )
+    )
+    runs_affected: Counter = _registry_field(
+        lambda s: Counter(
+            "netra_runs_affected",
+            "Runs stopped by something outside their own user and the operator: a cancel on behalf of"
+            " another user, or a teardown nobody asked for (by cause; must stay 0).",
+            ["cause"], registry=s.registry,
+        )
+    )
     limiter_waits: Counter = _registry_field(
         lambda s: Counter(
             "netra_limiter_waits", "Runs that waited for capacity, by limiter.", ["limiter"], registry=s.registry

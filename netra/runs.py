@@ -34,6 +34,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("netra.runs")
 
 
+#: Who cancels a run the operator stopped (drain): neither its user nor another.
+SERVER = "server"
+
+#: Endings a run's own user or the operator asked for: not failures.
+REQUESTED_ENDINGS = frozenset({"client", "interrupted", "shutdown"})
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:20]}"
 
@@ -54,6 +61,11 @@ class Run:
     received_at: float = attrs.field(factory=trio.current_time)
     cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     cancel_reason: str | None = None
+    #: Who asked for the cancellation: a user id, or SERVER.
+    cancelled_by: str | None = None
+    #: Why the run did not complete, for metrics: an error code, or a
+    #: cancellation's finer cause (``slow_consumer``, ``rate_limited``...).
+    cause: str | None = None
     announced: bool = False  # run_queued or agent_started was sent
     started: bool = False  # agent_started was sent
     thought: bool = False  # an agent_thinking was sent
@@ -67,11 +79,15 @@ class Run:
     def finished(self) -> bool:
         return self.terminal is not None
 
-    def cancel(self, reason: str) -> None:
+    def cancel(self, reason: str, *, by: str, cause: str | None = None) -> None:
+        """Stop the run; ``reason`` goes on the wire in ``agent_cancelled``,
+        ``by`` (a user id or SERVER) and ``cause`` feed failure containment."""
         if self.finished:
             return
         if self.cancel_reason is None:
             self.cancel_reason = reason
+            self.cancelled_by = by
+            self.cause = cause or reason
         self.cancel_scope.cancel()
 
 
@@ -167,6 +183,8 @@ async def execute(session: Session, run: Run) -> None:
             except Exception:
                 log.exception("run %s failed unexpectedly", run.id)
                 failure = InternalError("internal error")
+        if failure is not None and run.cancel_reason is None:
+            run.cause = failure.code
         # the outcome is stored before the terminal event is sent, so a client
         # that reads the thread on agent_completed finds the answer there
         if run.cancel_scope.cancelled_caught:

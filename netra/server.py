@@ -20,6 +20,8 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from . import errors
 from .hub import Hub
+from .runs import SERVER
+from .session import Session
 from .web import _hypercorn_fixes
 from .web.app import create_app
 
@@ -54,15 +56,21 @@ async def drain(hub: Hub, *, poll_s: float = 0.02) -> None:
         while True:
             for session in list(hub.sessions):
                 if not session.runs:
-                    session.close(errors.CLOSE_GOING_AWAY, "server shutting down", cancel_reason="shutdown")
+                    _shut(session)
             if not hub.sessions:
                 break
             await trio.sleep(poll_s)
     for session in list(hub.sessions):
-        session.close(errors.CLOSE_GOING_AWAY, "server shutting down", cancel_reason="shutdown")
+        _shut(session)
     with trio.move_on_after(hub.config.close_timeout_s + 1):
         while hub.sessions:
             await trio.sleep(poll_s)
+
+
+def _shut(session: Session) -> None:
+    session.close(
+        errors.CLOSE_GOING_AWAY, "server shutting down", cancel_reason="shutdown", cause="shutdown", by=SERVER
+    )
 
 
 @attrs.define(eq=False)

@@ -46,7 +46,7 @@ from .protocol import (
     error_event,
     parse_client_message,
 )
-from .runs import Run, execute, new_id
+from .runs import REQUESTED_ENDINGS, SERVER, Run, execute, new_id
 from .web.ws import WebSocket
 
 if TYPE_CHECKING:
@@ -125,9 +125,13 @@ class Session:
             m.connections_closed.labels(code).inc()
             log.info("connection closed", extra={**ids, "code": code})
 
-    def close(self, code: int | None, reason: str = "", *, cancel_reason: str = "disconnect") -> None:
-        """Start closing: runs are cancelled with ``cancel_reason``; ``code``
-        None means the peer is already gone (no close frame)."""
+    def close(
+        self, code: int | None, reason: str = "", *, cause: str,
+        cancel_reason: str = "disconnect", by: str | None = None,
+    ) -> None:
+        """Start closing: runs are cancelled with ``cancel_reason`` (the wire
+        reason) because of ``cause``, on behalf of ``by`` (default: this
+        connection's user); ``code`` None means the peer is already gone."""
         if self.closing or self._nursery is None:
             return
         self.closing = True
@@ -135,7 +139,7 @@ class Session:
         if code is None:
             self.ws.closed = True  # nothing more can be sent
         for run in list(self.runs.values()):
-            run.cancel(cancel_reason)
+            run.cancel(cancel_reason, by=by or self.identity.user_id, cause=cause)
         self._nursery.start_soon(self._close_sequence, code, reason)
 
     async def _close_sequence(self, code: int | None, reason: str) -> None:
@@ -172,7 +176,7 @@ class Session:
             if not waited.cancelled_caught:  # refreshed: watch the new expiry
                 self._expiry_changed = trio.Event()
                 continue
-            self.close(errors.CLOSE_UNAUTHORIZED, "token expired", cancel_reason="disconnect")
+            self.close(errors.CLOSE_UNAUTHORIZED, "token expired", cause="token_expired")
             return
 
     # -- outgoing -----------------------------------------------------------------
@@ -203,7 +207,7 @@ class Session:
         if not self.closing:
             log.info("slow consumer", extra={"connection_id": self.connection_id, "user_id": self.identity.user_id})
             self.hub.metrics.slow_consumer_closes.inc()
-            self.close(errors.CLOSE_SLOW_CONSUMER, "slow consumer", cancel_reason="disconnect")
+            self.close(errors.CLOSE_SLOW_CONSUMER, "slow consumer", cause="slow_consumer")
 
     async def emit(self, run: Run, event: RunEvent) -> None:
         """Queue an event of ``run``, keeping the run's event rules: nothing
@@ -265,7 +269,7 @@ class Session:
         while not self.closing:
             frame = await self.ws.receive()
             if frame is None:
-                self.close(None, cancel_reason="disconnect")
+                self.close(None, cause="disconnect")
                 return
             if self.closing:
                 return
@@ -275,14 +279,14 @@ class Session:
                 self.bad_frames += 1
                 self.hub.metrics.bad_frames.labels(exc.code).inc()
                 if self.bad_frames > c.max_bad_frames:
-                    self.close(errors.CLOSE_PROTOCOL_ABUSE, "too many bad frames")
+                    self.close(errors.CLOSE_PROTOCOL_ABUSE, "too many bad frames", cause="protocol_abuse")
                     return
                 await self.put(error_event(exc))
                 continue
             if not self.bucket.take():
                 self.hub.metrics.bad_frames.labels("rate_limited").inc()
                 if self.bucket.abuse >= c.rate_abuse_limit:
-                    self.close(errors.CLOSE_TOO_MANY, "message rate exceeded")
+                    self.close(errors.CLOSE_TOO_MANY, "message rate exceeded", cause="rate_limited")
                     return
                 await self.put(Error(
                     code="rate_limited", message="too many messages; slow down",
@@ -335,7 +339,7 @@ class Session:
             if multitask == "interrupt":
                 for other in [thread.active, *thread.waiting]:
                     if other is not None:
-                        other.cancel("interrupted")
+                        other.cancel("interrupted", by=user.user_id)
         limiters = [self.run_limiter, user.run_limiter, hub.run_limiter]
         if thread.busy or not all_available(limiters):
             if user.pending >= c.max_queued_runs_per_user or hub.queued_runs >= c.max_queued_runs:
@@ -371,10 +375,25 @@ class Session:
         if not targets:
             raise NotFound("no such run in progress")
         for run in targets:
-            run.cancel("client")
+            run.cancel("client", by=self.identity.user_id)
         # the answer is each run's agent_cancelled
 
     # -- run bookkeeping (called by runs.execute) ---------------------------------
+
+    def _count_containment(self, run: Run, outcome: str) -> None:
+        """Failure containment: every run that did not complete is charged to
+        its own user (``runs_failed``) or, when the cause came from outside
+        that user and the operator, counted as affected (must stay 0)."""
+        m = self.hub.metrics
+        if outcome == "failed":
+            m.runs_failed.labels(run.cause or "internal_error").inc()
+        elif outcome == "cancelled":
+            if run.cancel_reason is None:  # torn down from outside, no one asked
+                m.runs_affected.labels("unrequested").inc()
+            elif run.cancelled_by not in (run.user_id, SERVER):
+                m.runs_affected.labels("other_user").inc()
+            elif run.cause not in REQUESTED_ENDINGS:
+                m.runs_failed.labels(run.cause or "disconnect").inc()
 
     def unqueue(self, run: Run) -> None:
         if run.pending:
@@ -395,7 +414,8 @@ class Session:
             outcome = "refused"
             if run.id_key is not None and self.hub.accepted_ids.get(run.id_key) == run.id:
                 self.hub.accepted_ids.pop(run.id_key)  # refused: the same id may be retried
-        m.runs_finished.labels(outcome, run.cancel_reason or "").inc()
+        m.runs_finished.labels(outcome, run.cause or "").inc()
+        self._count_containment(run, outcome)
         thread = self.user.threads.get(run.thread_id)
         if thread is not None:
             if thread.active is run:

@@ -28,6 +28,14 @@ def netra_tasks() -> list[str]:
     return [n for n in names if n.startswith(("netra.session", "netra.runs"))]
 
 
+def by_label(counter) -> dict[str, float]:
+    """A one-label counter's values, e.g. {"llm_error": 1.0}."""
+    return {
+        next(iter(s.labels.values())): s.value
+        for metric in counter.collect() for s in metric.samples if s.name.endswith("_total")
+    }
+
+
 async def settle(hub, *, timeout: float = 5.0) -> None:
     """Wait until the hub holds nothing: no runs, no borrowed capacity, no
     connection tasks. Fails (TooSlowError) if that never happens."""

@@ -20,7 +20,7 @@ from netra.client import ConnectionClosed, RunRefused, connect
 from netra.testing import config_for_tests, open_server, token_for
 from netra.tools import tool
 
-from .conftest import settle
+from .conftest import by_label, settle
 from .rawws import OP_TEXT, open_raw
 from .test_golden_path import CALC, assert_run_shape
 
@@ -76,6 +76,9 @@ async def scenario(*, control_bound_s: float = 1.0, extra_tools=(), **overrides)
         assert max(control.runs) < control_bound_s, f"control user slowed down: {max(control.runs):.3f}s"
         await settle(server.hub)
         assert server.hub.metrics.isolation_violations._value.get() == 0
+        # failure containment: whatever failed in the scenario, no run was
+        # stopped by anything outside its own user (or the operator)
+        assert by_label(server.hub.metrics.runs_affected) == {}
 
 
 async def until(conn_events, kind: str):
@@ -296,7 +299,7 @@ async def test_over_limit_runs_per_user_queue_then_busy():
             rest = [e async for e in waiting]
             assert rest[0].type == "agent_started" and rest[-1].type == "agent_completed"
             for r in list(server.hub.users["greedy"].runs):
-                r.cancel("client")
+                r.cancel("client", by="greedy")
 
 
 async def test_global_capacity_exhausted_queues_then_serves():
@@ -358,7 +361,8 @@ async def test_slow_consumer_is_closed_and_freed():
                 await trio.sleep(0.02)
         assert trio.current_time() - opened < 5
         assert server.hub.metrics.slow_consumer_closes._value.get() == 1
-        assert server.hub.metrics.runs_finished.labels("cancelled", "disconnect")._value.get() == 1
+        assert server.hub.metrics.runs_finished.labels("cancelled", "slow_consumer")._value.get() == 1
+        assert by_label(server.hub.metrics.runs_failed) == {"slow_consumer": 1}
         await raw.stream.aclose()
 
 

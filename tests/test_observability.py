@@ -7,14 +7,15 @@ import json
 import logging
 
 import httpx
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from netra import logs
-from netra.client import connect
+from netra.client import ConnectionClosed, connect
 from netra.testing import config_for_tests, open_server, token_for
 
-from .conftest import settle
+from .conftest import by_label, settle
 from .test_golden_path import CALC
 from .test_isolation import HANG, until
 
@@ -41,28 +42,65 @@ async def test_metrics_match_a_scripted_scenario():
                 [e async for e in run]
                 await a.ws.send_message("not json")
                 await a.ping()
+                # a third user leaves mid-run: a failure of that user's own
+                async with connect(server.ws_url, token_for(server, "m3")) as c:
+                    await until(c.run(HANG), "tool_executing")
             await settle(server.hub)
             async with httpx.AsyncClient(base_url=server.http_url) as http:
                 got = samples((await http.get("/metrics")).text)
         def value(name, **labels):
             return got.get((name, tuple(sorted(labels.items()))), 0.0)
 
-        assert value("netra_connections_opened_total") == 2
-        assert value("netra_connections_closed_total", code="client") == 2
+        assert value("netra_connections_opened_total") == 3
+        assert value("netra_connections_closed_total", code="client") == 3
         assert value("netra_connections_open") == 0
         assert value("netra_runs_finished_total", outcome="completed", reason="") == 2
-        assert value("netra_runs_finished_total", outcome="failed", reason="") == 1
+        assert value("netra_runs_finished_total", outcome="failed", reason="llm_error") == 1
         assert value("netra_runs_finished_total", outcome="cancelled", reason="client") == 1
+        assert value("netra_runs_finished_total", outcome="cancelled", reason="disconnect") == 1
+        # failure containment: two runs failed (a model, a user gone), each
+        # charged to its own user; the client's cancel is no failure; and no
+        # run was stopped by anything outside its own user
+        assert value("netra_runs_failed_total", cause="llm_error") == 1
+        assert value("netra_runs_failed_total", cause="disconnect") == 1
+        assert value("netra_runs_failed_total", cause="client") == 0
+        assert not [k for k in got if k[0] == "netra_runs_affected_total"]
         assert value("netra_runs_active") == 0 and value("netra_runs_queued") == 0
         assert value("netra_tool_calls_total", tool="calculator", outcome="ok") == 1
         assert value("netra_tool_calls_total", tool="fail", outcome="error") == 1
-        assert value("netra_tool_calls_total", tool="hang", outcome="cancelled") == 1
+        assert value("netra_tool_calls_total", tool="hang", outcome="cancelled") == 2
         assert value("netra_bad_frames_total", code="bad_request") == 1
-        assert value("netra_run_duration_seconds_count") == 4
+        assert value("netra_run_duration_seconds_count") == 5
         assert value("netra_isolation_violations_total") == 0
         assert value("netra_limiter_borrowed", limiter="global") == 0
         assert value("netra_outbox_queued") == 0
         assert value("netra_model_tokens_total", kind="completion_tokens") > 0
+
+
+async def test_runs_affected_sees_a_run_stopped_from_outside_its_user():
+    """The containment counter is not vacuous: a run cancelled on behalf of
+    someone else, or torn down with nobody asking, is counted."""
+    async with open_server(config_for_tests()) as server:
+        with trio.fail_after(20):
+            async with connect(server.ws_url, token_for(server, "victim")) as v:
+                run = v.run(HANG)
+                started = await until(run, "tool_executing")
+                [victim_run] = server.hub.users["victim"].runs
+                assert victim_run.id == started.raw["run_id"]
+                victim_run.cancel("client", by="someone-else")  # what a cross-user cancel would do
+                assert (await until(run, "agent_cancelled")).raw["reason"] == "client"
+                assert by_label(server.hub.metrics.runs_affected) == {"other_user": 1}
+
+                run = v.run(HANG)
+                await until(run, "tool_executing")
+                [session] = server.hub.sessions
+                session._nursery.cancel_scope.cancel()  # a teardown no one asked for
+                with pytest.raises(ConnectionClosed):
+                    async for _ in run:
+                        pass
+            await settle(server.hub)
+        assert by_label(server.hub.metrics.runs_affected) == {"other_user": 1, "unrequested": 1}
+        assert by_label(server.hub.metrics.runs_failed) == {}
 
 
 async def test_metrics_can_require_a_token():

@@ -47,9 +47,9 @@ class Hub:
     users: dict[str, UserState] = attrs.field(factory=dict)
     sessions: set[Any] = attrs.field(factory=set)
     queued_runs: int = 0
-    #: Recently accepted client message ids, (user, thread, id) -> run_id: the
-    #: fast path of idempotency (the store, when there is one, is the record).
-    #: Bounded: about 250 bytes an entry, so at most ~12 MiB.
+    #: Without a store: recently accepted client message ids, (user, thread,
+    #: id) -> (run_id, thread_id) (a store keeps them itself, for good). Bounded: about 250
+    #: bytes an entry, so at most ~12 MiB.
     accepted_ids: BoundedMap = attrs.field(factory=lambda: BoundedMap(50_000))
     #: Thread owners when there is no store (a store checks ownership itself).
     thread_owners: BoundedMap = attrs.field(factory=lambda: BoundedMap(50_000))

@@ -125,7 +125,7 @@ async def execute(session: Session, run: Run) -> None:
                         )
                     )
                     if begun.duplicate_of is not None:
-                        raise _duplicate(begun.duplicate_of, run)
+                        raise _duplicate(begun.duplicate_of, begun.thread.id, run)
                     recorded = True
 
                 async def announce(limiter: trio.CapacityLimiter | None) -> None:
@@ -234,12 +234,12 @@ async def _report_failure(session: Session, run: Run, failure: NetraError) -> No
         ))
 
 
-def _duplicate(original_run_id: str, run: Run) -> NetraError:
+def _duplicate(original_run_id: str, thread_id: str, run: Run) -> NetraError:
     from .errors import BadRequest
 
     return BadRequest(
         f"message id {run.client_id!r} was already accepted on this thread",
-        run_id=original_run_id, thread_id=run.thread_id,
+        run_id=original_run_id, thread_id=thread_id,
     )
 
 

@@ -321,10 +321,13 @@ class Session:
         new_thread = msg.thread_id is None
         thread_id = msg.thread_id or new_id("thr")
         key = (user.user_id, msg.thread_id or "", msg.id)
-        if msg.id is not None and (original := hub.accepted_ids.get(key)) is not None:
+        # with a store, the store decides duplicates (across processes and
+        # restarts); without one, the hub remembers recent ids
+        if hub.store is None and msg.id is not None and (original := hub.accepted_ids.get(key)) is not None:
+            run_id, original_thread = original
             raise errors.BadRequest(
                 f"message id {msg.id!r} was already accepted on this thread",
-                run_id=original, thread_id=msg.thread_id,
+                run_id=run_id, thread_id=original_thread,
             )
         if hub.store is None and not new_thread:
             owner = hub.thread_owners.get(thread_id)
@@ -349,8 +352,8 @@ class Session:
             id=new_id("run"), thread_id=thread_id, new_thread=new_thread, user_id=user.user_id,
             agent=agent, text=msg.text, client_id=msg.id, requested_agent=msg.agent,
         )
-        if msg.id is not None:
-            hub.accepted_ids[key] = run.id
+        if hub.store is None and msg.id is not None:
+            hub.accepted_ids[key] = (run.id, thread_id)
             run.id_key = key
         if hub.store is None:
             hub.thread_owners[thread_id] = user.user_id
@@ -412,7 +415,7 @@ class Session:
         outcome = {"agent_completed": "completed", "agent_error": "failed"}.get(run.terminal or "", "cancelled")
         if run.terminal is None and run.cancel_reason is None and not run.announced:
             outcome = "refused"
-            if run.id_key is not None and self.hub.accepted_ids.get(run.id_key) == run.id:
+            if run.id_key is not None and self.hub.accepted_ids.get(run.id_key) == (run.id, run.thread_id):
                 self.hub.accepted_ids.pop(run.id_key)  # refused: the same id may be retried
         m.runs_finished.labels(outcome, run.cause or "").inc()
         self._count_containment(run, outcome)

@@ -182,6 +182,25 @@ async def test_cancel_by_thread_id():
                 await conn.collect("x", id="c1")
 
 
+async def test_duplicate_message_ids_start_no_second_run():
+    """Without a store the server remembers accepted ids; a duplicate's error
+    names the first run and its thread, and leaves other users alone."""
+    async with scenario() as server:
+        async with connect(server.ws_url, token_for(server, "u")) as conn, \
+                connect(server.ws_url, token_for(server, "v")) as other:
+            first = await conn.collect(CALC, id="m1")
+            run_id, thread = first[0].raw["run_id"], first[0].raw["thread_id"]
+            with pytest.raises(RunRefused) as refused:
+                await conn.collect(CALC, id="m1")  # the retry of a thread-starting message
+            assert refused.value.code == "bad_request"
+            assert (refused.value.raw["run_id"], refused.value.raw["thread_id"]) == (run_id, thread)
+            on_thread = await conn.collect(CALC, id="m1", thread_id=thread)  # its own scope
+            with pytest.raises(RunRefused) as refused:
+                await conn.collect(CALC, id="m1", thread_id=thread)
+            assert refused.value.raw["run_id"] == on_thread[0].raw["run_id"]
+            assert (await other.collect(CALC, id="m1"))[-1].type == "agent_completed"
+
+
 async def test_interrupt():
     async with scenario() as server:
         async with connect(server.ws_url, token_for(server, "u")) as conn:

@@ -184,15 +184,46 @@ async def test_duplicate_client_id_writes_nothing(store: Store) -> None:
         assert started.thread.id == thread.id
         assert await count(store, "runs", "thread_id = ?", thread.id) == 1
         assert await count(store, "messages", "thread_id = ?", thread.id) == 1
-        # Another id, no id at all (twice), or the same id on another thread: new runs.
+        # Another id, no id at all (twice), or an id of this thread starting a
+        # new thread: new runs.
         for s in (
             start_of(user, thread_id=thread.id, client_id="c-2"),
             start_of(user, thread_id=thread.id),
             start_of(user, thread_id=thread.id),
-            start_of(user, client_id="c-1"),
+            start_of(user, client_id="c-2"),
         ):
             assert (await store.begin_run(s)).duplicate_of is None
         assert await count(store, "runs", "thread_id = ?", thread.id) == 4
+
+
+async def test_a_retried_thread_starting_message_starts_nothing(store: Store) -> None:
+    """The retry of a message that started a thread (the client may never have
+    seen the thread's id) finds that thread and its run, even when the two
+    race, and writes nothing."""
+    user, other = uid("user"), uid("user")
+    with trio.fail_after(IO_TIMEOUT):
+        first = start_of(user, client_id="hello-1")
+        thread = (await store.begin_run(first)).thread
+        retry = await store.begin_run(start_of(user, client_id="hello-1"))
+        assert (retry.duplicate_of, retry.thread) == (first.run_id, thread)
+        assert await count(store, "threads", "user_id = ?", user) == 1
+        # the same id from another user is that user's own first message
+        assert (await store.begin_run(start_of(other, client_id="hello-1"))).duplicate_of is None
+
+        starts = [start_of(user, client_id="race") for _ in range(10)]
+        results: list[str | None] = []
+
+        async def go(s: RunStart) -> None:
+            results.append((await store.begin_run(s)).duplicate_of)
+
+        async with trio.open_nursery() as nursery:
+            for s in starts:
+                nursery.start_soon(go, s)
+        assert results.count(None) == 1
+        [winner] = {r for r in results if r is not None}
+        assert winner in {s.run_id for s in starts} and results.count(winner) == 9
+        assert await count(store, "threads", "user_id = ?", user) == 2
+        assert await count(store, "runs", "user_id = ?", user) == 2
 
 
 async def test_concurrent_duplicates_start_one_run(store: Store) -> None:

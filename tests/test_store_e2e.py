@@ -117,19 +117,35 @@ async def test_threads_are_private(backend):
 
 async def test_message_ids_are_idempotent_across_processes(backend):
     async with stored_server(backend) as server:
-        async with connect(server.ws_url, token_for(server, "cy")) as conn:
-            first = await conn.collect("hello")
-            thread = first[0].raw["thread_id"]
-            await conn.collect("again", thread_id=thread, id="retry-me")
+        with trio.fail_after(20):
+            async with connect(server.ws_url, token_for(server, "cy")) as conn:
+                first = await conn.collect("hello", id="start-me")
+                thread, first_run = first[0].raw["thread_id"], first[0].raw["run_id"]
+                again = await conn.collect("again", thread_id=thread, id="retry-me")
+                # at once, on the same server: the store refuses the retry too
+                with pytest.raises(RunRefused) as refused:
+                    await conn.collect("hello", id="start-me")
+                assert (refused.value.raw["run_id"], refused.value.raw["thread_id"]) == (first_run, thread)
     # a new server process on the same database has no memory of its own
     async with stored_server(backend) as server:
         with trio.fail_after(20):
             async with connect(server.ws_url, token_for(server, "cy")) as conn:
                 with pytest.raises(RunRefused) as refused:
                     await conn.collect("again", thread_id=thread, id="retry-me")
-                assert refused.value.code == "bad_request" and refused.value.raw["run_id"]
+                assert refused.value.code == "bad_request"
+                assert refused.value.raw["run_id"] == again[0].raw["run_id"]
+                # the retry of the message that started the thread, whose
+                # events (and so the thread's id) the client may never have seen
+                with pytest.raises(RunRefused) as refused:
+                    await conn.collect("hello", id="start-me")
+                assert (refused.value.raw["run_id"], refused.value.raw["thread_id"]) == (first_run, thread)
+                # the same id is still free on another thread
+                other = await conn.collect("elsewhere", id="retry-me")
+                assert other[-1].type == "agent_completed"
             body = (await server.http.get(f"/api/threads/{thread}", headers=auth(server, "cy"))).json()
             assert len(body["runs"]) == 2
+            listed = (await server.http.get("/api/threads", headers=auth(server, "cy"))).json()["threads"]
+            assert len(listed) == 2
 
 
 async def test_hundred_concurrent_users_each_recorded_once(backend):

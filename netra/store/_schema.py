@@ -145,6 +145,15 @@ MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
         )
         """,
     ),
+    (
+        2,
+        # A message that starts a thread is idempotent too: its client id is
+        # unique among the threads its user started (NULLs never conflict).
+        """
+        ALTER TABLE threads ADD COLUMN client_id TEXT;
+        CREATE UNIQUE INDEX threads_user_client ON threads (user_id, client_id)
+        """,
+    ),
 )
 
 
@@ -258,10 +267,22 @@ def begin_run(db: Db, start: RunStart) -> RunStarted:
             created_at=start.started_at,
             updated_at=start.started_at,
         )
-        db.run(
-            f"INSERT INTO threads ({_THREAD}) VALUES (?, ?, ?, ?, ?)",
+        inserted = db.run(
+            f"INSERT INTO threads ({_THREAD}, client_id) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (user_id, client_id) DO NOTHING",
             thread.id, thread.user_id, thread.title, thread.created_at, thread.updated_at,
-        )  # fmt: skip
+            start.client_id,
+        ).rowcount  # fmt: skip
+        if inserted == 0:  # this user already started a thread with this message id
+            row = db.one(
+                f"SELECT {', '.join('t.' + c for c in _THREAD_COLS)}, m.run_id FROM threads t"
+                " JOIN messages m ON m.thread_id = t.id AND m.client_id = t.client_id"
+                " WHERE t.user_id = ? AND t.client_id = ?",
+                start.user_id, start.client_id,
+            )  # fmt: skip
+            if row is None:  # the conflicting thread vanished (deleted meanwhile)
+                raise StoreError("conflicting write, try again")
+            return RunStarted(thread=_thread(row[:-1]), duplicate_of=row[-1])
     else:
         thread = _owned_thread(db, start.user_id, start.thread_id)
     inserted = db.run(

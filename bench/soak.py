@@ -9,11 +9,17 @@ and closes all its connections. Before the first segment and after each one
 (after ``--settle-s``), the bench samples the server's RSS (VmRSS, and VmHWM
 the peak), its open file descriptors, and for netra /readyz (connections,
 users, runs_borrowed, queued_runs, ...) and /metrics (netra_runs_active,
-netra_outbox_queued, netra_connections_open). netra does not expose a count of
-live trio tasks; RSS, fds and those counts stand in for it.
+netra_outbox_queued, netra_connections_open, and netra_trio_tasks, every live
+trio task of the server process, counted when scraped).
+
+``--store none`` (the default, like the other load benches) runs netra
+without a store, so it remembers accepted message ids in memory, up to
+50,000; ``--store sqlite`` runs the default deployment, where the store keeps
+them and the server keeps none.
 
 Reported: RSS drift = last sample - sample after the first segment
-(warm-up), in MiB and %, runs/s per segment and their spread, failures
+(warm-up), in MiB and %, and over the second half of the segments alone;
+trio task drift (last - after warm-up); runs/s per segment and their spread, failures
 (runs attempted - runs that passed every check; target 0) and leftovers
 after the final settle (target all 0). The same load is then run against the
 FastAPI peer (``--no-peer`` to skip) for comparison.
@@ -35,7 +41,7 @@ import trio
 from . import _servers, _spawn
 from .load import run_scenario
 
-METRICS = ("netra_runs_active", "netra_outbox_queued", "netra_connections_open")
+METRICS = ("netra_runs_active", "netra_outbox_queued", "netra_connections_open", "netra_trio_tasks")
 
 
 async def _sample(server: _servers.Server, label: str, runs_done: int) -> dict[str, Any]:
@@ -55,8 +61,10 @@ async def _sample(server: _servers.Server, label: str, runs_done: int) -> dict[s
 async def _soak(kind: str, args: argparse.Namespace, secret: str, log_dir: Path) -> dict[str, Any]:
     per_segment = max(1, args.runs // args.segments)
     messages = max(1, per_segment // args.users)
-    server = _servers.start(kind, secret=secret, delay_ms=args.delay_ms, log_dir=log_dir,
-                            netra_forced={"NETRA_MAX_CONNECTIONS": str(args.users * 2 + 100)})
+    forced = {"NETRA_MAX_CONNECTIONS": str(args.users * 2 + 100)}
+    if args.store == "sqlite":
+        forced["NETRA_DATABASE_URL"] = f"sqlite:///{log_dir}/soak.sqlite3"
+    server = _servers.start(kind, secret=secret, delay_ms=args.delay_ms, log_dir=log_dir, netra_forced=forced)
     samples: list[dict[str, Any]] = []
     segments: list[dict[str, Any]] = []
     busy = _spawn.MachineBusy()
@@ -93,6 +101,8 @@ async def _soak(kind: str, args: argparse.Namespace, secret: str, log_dir: Path)
         _servers.stop(server)
     wall = time.monotonic() - t0
     warm, end = samples[1]["rss_mib"], samples[-1]["rss_mib"]
+    half = samples[max(1, len(samples) // 2)]["rss_mib"]
+    tasks = [(s.get("metrics") or {}).get("netra_trio_tasks") for s in samples]
     rates = [s["runs_per_s"] for s in segments]
     per_cpu = [s["runs_per_server_cpu_s"] or 0.0 for s in segments]
     last = samples[-1]
@@ -113,6 +123,10 @@ async def _soak(kind: str, args: argparse.Namespace, secret: str, log_dir: Path)
                     "peak_hwm": max(s["hwm_mib"] or 0 for s in samples)},
         "rss_drift_mib": round(end - warm, 1) if warm is not None and end is not None else None,
         "rss_drift_pct": round(100 * (end - warm) / warm, 2) if warm else None,
+        "rss_drift_second_half_mib": round(end - half, 1) if half is not None and end is not None else None,
+        "trio_tasks": {"start": tasks[0], "after_warmup": tasks[1], "end": tasks[-1],
+                       "max_after_segment": max((t for t in tasks[1:-1] if t is not None), default=None)},
+        "trio_tasks_drift": tasks[-1] - tasks[1] if None not in (tasks[1], tasks[-1]) else None,
         "runs_per_s": {"per_segment": rates, "median": round(statistics.median(rates), 1) if rates else None,
                        "min_over_max": round(min(rates) / max(rates), 3) if rates and max(rates) else None,
                        "last_over_first": round(rates[-1] / rates[0], 3) if rates and rates[0] else None},
@@ -132,7 +146,8 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     results = {"netra": await _soak("netra", args, secret, log_dir)}
     if args.peer:
         results["peer"] = await _soak("peer", args, secret, log_dir)
-    summary = {kind: {k: r[k] for k in ("runs_attempted", "failures", "rss_drift_mib", "rss_drift_pct", "wall_s")}
+    summary = {kind: {k: r[k] for k in ("runs_attempted", "failures", "rss_drift_mib", "rss_drift_pct",
+                                        "rss_drift_second_half_mib", "trio_tasks_drift", "wall_s")}
                | {"runs_per_s_median": r["runs_per_s"]["median"], "runs_per_s_min_over_max": r["runs_per_s"]["min_over_max"],
                   "runs_per_server_cpu_s_median": r["runs_per_server_cpu_s"]["median"],
                   "runs_per_server_cpu_s_last_over_first": r["runs_per_server_cpu_s"]["last_over_first"],
@@ -142,7 +157,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         summary["ratio_netra_peer_runs_per_s"] = round(
             results["netra"]["runs_per_s"]["median"] / results["peer"]["runs_per_s"]["median"], 3)
     return {
-        "meta": {"runs": args.runs, "segments": args.segments, "users": args.users, "processes": args.processes,
+        "meta": {"runs": args.runs, "segments": args.segments, "netra_store": args.store, "users": args.users, "processes": args.processes,
                  "delay_ms": args.delay_ms, "settle_s": args.settle_s, "final_settle_s": args.final_settle_s,
                  "log_dir": str(log_dir), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         "summary": summary,
@@ -162,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--segment-timeout-s", type=float, default=900.0)
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
                    help="also soak the FastAPI peer with the same load (--no-peer to skip)")
+    p.add_argument("--store", choices=("none", "sqlite"), default="none",
+                   help="netra's store: none (ids kept in memory, bounded) or sqlite (the default deployment)")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     out = trio.run(_bench, args)

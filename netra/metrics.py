@@ -112,6 +112,12 @@ class Metrics:
             registry=s.registry,
         )
     )
+    tasks: Gauge = _registry_field(
+        lambda s: Gauge(
+            "netra_trio_tasks", "Live trio tasks in the server process, counted at scrape time.",
+            registry=s.registry,
+        )
+    )
     isolation_violations: Counter = _registry_field(
         lambda s: Counter(
             "netra_isolation_violations",
@@ -142,4 +148,5 @@ class Metrics:
     )
 
     def render(self) -> bytes:
+        """The exposition text; call it from inside the trio run (task count)."""
         return generate_latest(self.registry)

@@ -29,7 +29,9 @@ def samples(text: str) -> dict[tuple[str, tuple], float]:
 
 
 async def test_metrics_match_a_scripted_scenario():
-    async with open_server(config_for_tests()) as server:
+    async with open_server(config_for_tests()) as server, httpx.AsyncClient(base_url=server.http_url) as http:
+        with trio.fail_after(10):
+            before = samples((await http.get("/metrics")).text)
         with trio.fail_after(20):
             async with connect(server.ws_url, token_for(server, "m1")) as a, \
                     connect(server.ws_url, token_for(server, "m2")) as b:
@@ -46,8 +48,7 @@ async def test_metrics_match_a_scripted_scenario():
                 async with connect(server.ws_url, token_for(server, "m3")) as c:
                     await until(c.run(HANG), "tool_executing")
             await settle(server.hub)
-            async with httpx.AsyncClient(base_url=server.http_url) as http:
-                got = samples((await http.get("/metrics")).text)
+            got = samples((await http.get("/metrics")).text)
         def value(name, **labels):
             return got.get((name, tuple(sorted(labels.items()))), 0.0)
 
@@ -72,9 +73,38 @@ async def test_metrics_match_a_scripted_scenario():
         assert value("netra_bad_frames_total", code="bad_request") == 1
         assert value("netra_run_duration_seconds_count") == 5
         assert value("netra_isolation_violations_total") == 0
+        # every task the scenario started is gone (same scraping connection)
+        assert got[("netra_trio_tasks", ())] == before[("netra_trio_tasks", ())] > 5
         assert value("netra_limiter_borrowed", limiter="global") == 0
         assert value("netra_outbox_queued") == 0
         assert value("netra_model_tokens_total", kind="completion_tokens") > 0
+
+
+async def test_closed_connections_let_go_of_their_tasks_at_once():
+    """With a heartbeat far longer than the wait, every task (and so socket)
+    of a closed connection is gone within seconds: closed by the client,
+    closed by the server (4400), or dropped mid-run."""
+    config = config_for_tests(heartbeat_interval_s=120.0, heartbeat_timeout_s=30.0, max_bad_frames=0)
+    async with open_server(config) as server, httpx.AsyncClient(base_url=server.http_url) as http:
+
+        async def tasks() -> float:
+            return samples((await http.get("/metrics")).text)[("netra_trio_tasks", ())]
+
+        with trio.fail_after(20):
+            start = await tasks()
+            for i in range(10):
+                async with connect(server.ws_url, token_for(server, f"t{i}")) as conn:
+                    await conn.collect(CALC)
+                    if i % 3 == 1:
+                        await until(conn.run(HANG), "tool_executing")  # left mid-run
+                    elif i % 3 == 2:
+                        await conn.ws.send_message("not json")  # closed 4400 by the server
+                        with pytest.raises(ConnectionClosed):
+                            await conn.collect(CALC)
+        with trio.fail_after(5):  # well inside the 120 s ping interval
+            while await tasks() != start:
+                await trio.sleep(0.05)
+        await settle(server.hub)
 
 
 async def test_runs_affected_sees_a_run_stopped_from_outside_its_user():

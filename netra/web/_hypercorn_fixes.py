@@ -1,6 +1,6 @@
-"""One narrow fix to hypercorn, applied when a server starts.
+"""Two narrow fixes to hypercorn's WebSocket stream, applied when a server starts.
 
-When a client sends a frame wsproto cannot accept (a text message that is not
+1. Invalid frames get their close code. When a client sends a frame wsproto cannot accept (a text message that is not
 valid UTF-8, a protocol violation), wsproto reports it as a
 ``CloseConnection`` with the right code (1007, 1002) while the connection is
 still open. Hypercorn 0.17-0.18 answers close frames only in the
@@ -9,17 +9,29 @@ client why, and the client sees 1006. The protocol promises 1007. This wraps
 ``WSStream._handle_events`` so that such a close is sent to the peer first;
 everything else is left to hypercorn. ``tests/test_isolation.py`` checks the
 1007 end to end, so a hypercorn that changes this code path is noticed.
+
+2. A closed connection lets go at once. Hypercorn's ping task sleeps a whole
+``websocket_ping_interval`` before it looks whether its stream closed, and the
+connection's task group (so its socket, in CLOSE_WAIT when the peer left)
+waits for it: every closed connection held a socket and two tasks for up to
+one heartbeat interval (20 s by default), which under churn is thousands of
+sockets. The ping loop now runs in a cancel scope that is cancelled as soon
+as the stream is closed. ``tests/test_observability.py`` checks that the
+server's task count is back to its start seconds after connections close,
+with a heartbeat far longer than that.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import trio
 from hypercorn.protocol import ws_stream
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 
-_MARK = "_netra_sends_parse_failures"
+_MARK = "_netra_fixed"
+_PING_SCOPE = "_netra_ping_scope"
 
 
 def install() -> None:
@@ -51,7 +63,36 @@ def install() -> None:
             del connection.events
 
     cls._handle_events = _handle_events
+    _stop_pings_on_close(cls)
     setattr(cls, _MARK, True)
+
+
+def _stop_pings_on_close(cls: Any) -> None:
+    send_pings, handle, app_send = cls._send_pings, cls.handle, cls.app_send
+
+    async def _send_pings(self: Any) -> None:
+        with trio.CancelScope() as scope:
+            setattr(self, _PING_SCOPE, scope)
+            if not self.closed:
+                await send_pings(self)
+
+    def stop_if_closed(self: Any) -> None:
+        if self.closed and (scope := getattr(self, _PING_SCOPE, None)) is not None:
+            scope.cancel()
+
+    async def _handle(self: Any, event: Any) -> None:
+        try:
+            await handle(self, event)
+        finally:
+            stop_if_closed(self)
+
+    async def _app_send(self: Any, message: Any) -> None:
+        try:
+            await app_send(self, message)
+        finally:
+            stop_if_closed(self)
+
+    cls._send_pings, cls.handle, cls.app_send = _send_pings, _handle, _app_send
 
 
 class _SendClose(Exception):

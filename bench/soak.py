@@ -106,7 +106,9 @@ async def _soak(kind: str, args: argparse.Namespace, secret: str, log_dir: Path)
     rates = [s["runs_per_s"] for s in segments]
     per_cpu = [s["runs_per_server_cpu_s"] or 0.0 for s in segments]
     last = samples[-1]
-    leftovers: dict[str, Any] = {"fds_vs_start": (last["fds"] or 0) - (samples[0]["fds"] or 0)}
+    # the store's pool and files open on first use: compare with after warm-up too
+    leftovers: dict[str, Any] = {"fds_vs_start": (last["fds"] or 0) - (samples[0]["fds"] or 0),
+                                 "fds_vs_warmup": (last["fds"] or 0) - (samples[1]["fds"] or 0)}
     if "readyz" in last:
         leftovers.update({k: last["readyz"].get(k) for k in
                           ("connections", "users", "runs_borrowed", "model_borrowed", "tools_borrowed", "queued_runs")})

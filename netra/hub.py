@@ -48,8 +48,8 @@ class Hub:
     sessions: set[Any] = attrs.field(factory=set)
     queued_runs: int = 0
     #: Without a store: recently accepted client message ids, (user, thread,
-    #: id) -> (run_id, thread_id) (a store keeps them itself, for good). Bounded: about 250
-    #: bytes an entry, so at most ~12 MiB.
+    #: id) -> (run_id, thread_id) (a store keeps them itself, for good): the
+    #: most recent 25,000 to 50,000, some 20 MiB at most with thread_owners.
     accepted_ids: BoundedMap = attrs.field(factory=lambda: BoundedMap(50_000))
     #: Thread owners when there is no store (a store checks ownership itself).
     thread_owners: BoundedMap = attrs.field(factory=lambda: BoundedMap(50_000))

@@ -483,3 +483,34 @@ def test_open_store_picks_the_backend() -> None:
         with pytest.raises(ValueError) as caught:
             pick(bad)
         assert "s3cret" not in str(caught.value)
+
+
+async def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A database written by the first release (no thread client ids) is
+    migrated on open: its threads stay readable, and new threads get
+    thread-start idempotency."""
+    path = tmp_path / "v1.sqlite3"
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)")
+        for statement in _schema.statements(_schema.MIGRATIONS[0][1], _schema.SQLITE):
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version VALUES (1, 0)")
+        conn.execute("INSERT INTO threads VALUES ('thr_old', 'ann', 'from before', 1.0, 1.0)")
+        conn.execute("INSERT INTO messages (id, thread_id, role, text, run_id, client_id, created_at)"
+                     " VALUES ('msg_old', 'thr_old', 'user', 'from before', 'run_old', 'c-old', 1.0)")
+        conn.execute("INSERT INTO runs (id, thread_id, user_id, agent, status, started_at, usage)"
+                     " VALUES ('run_old', 'thr_old', 'ann', 'assistant', 'completed', 1.0, '{}')")
+    conn.close()
+    async with opened(Config(database_url=f"sqlite:///{path}", store_pool_size=2)) as store:
+        with trio.fail_after(IO_TIMEOUT):
+            versions = [r[0] for r in await rows(store, "SELECT version FROM schema_version ORDER BY version")]
+            assert versions == [v for v, _ in _schema.MIGRATIONS]
+            thread, messages, _ = await store.get_thread("ann", "thr_old")
+            assert thread.title == "from before" and [m.client_id for m in messages] == ["c-old"]
+            # the old thread's ids still count on it; a new thread starting with one is new
+            retry = await store.begin_run(start_of("ann", thread_id="thr_old", client_id="c-old"))
+            assert (retry.duplicate_of, retry.thread.id) == ("run_old", "thr_old")
+            assert (await store.begin_run(start_of("ann", client_id="c-old"))).duplicate_of is None
+            first = start_of("ann", client_id="c-new")
+            await store.begin_run(first)
+            assert (await store.begin_run(start_of("ann", client_id="c-new"))).duplicate_of == first.run_id

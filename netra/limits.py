@@ -50,6 +50,10 @@ class TokenBucket:
         self.abuse += 1.0
         return False
 
+    def abuse_now(self) -> float:
+        """The refusal count as of now, decayed, without taking a token."""
+        return max(0.0, self.abuse - (trio.current_time() - self._stamp) * self.rate)
+
     def retry_after_ms(self) -> int:
         return max(1, round((1.0 - self._tokens) / self.rate * 1000)) if self.rate > 0 else 1000
 

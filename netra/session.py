@@ -203,11 +203,19 @@ class Session:
 
     def slow_consumer(self) -> None:
         """The client does not read its events: close 4430 (the socket is cut
-        if even the close frame cannot be delivered)."""
-        if not self.closing:
-            log.info("slow consumer", extra={"connection_id": self.connection_id, "user_id": self.identity.user_id})
-            self.hub.metrics.slow_consumer_closes.inc()
-            self.close(errors.CLOSE_SLOW_CONSUMER, "slow consumer", cause="slow_consumer")
+        if even the close frame cannot be delivered). A client that stops
+        reading while its messages are being refused for rate is flooding:
+        its replies pile up because of its own rate, so it gets 4429."""
+        if self.closing:
+            return
+        ids = {"connection_id": self.connection_id, "user_id": self.identity.user_id}
+        if self.bucket.abuse_now() >= 1.0:
+            log.info("flooding and not reading", extra=ids)
+            self.close(errors.CLOSE_TOO_MANY, "message rate exceeded", cause="rate_limited")
+            return
+        log.info("slow consumer", extra=ids)
+        self.hub.metrics.slow_consumer_closes.inc()
+        self.close(errors.CLOSE_SLOW_CONSUMER, "slow consumer", cause="slow_consumer")
 
     async def emit(self, run: Run, event: RunEvent) -> None:
         """Queue an event of ``run``, keeping the run's event rules: nothing

@@ -9,6 +9,7 @@ limiter, counter and connection task must be back to zero.
 from __future__ import annotations
 
 import json
+import socket
 from contextlib import asynccontextmanager
 
 import attrs
@@ -287,6 +288,32 @@ async def test_flood_above_rate():
                     await trio.sleep(0.001)
             closed = await conn.wait_closed()
             assert closed.code == 4429
+
+
+async def test_a_flooder_whose_replies_fill_its_queue_is_closed_4429_not_4430():
+    """The abuse limit is out of reach here and the queue is tiny, so the
+    queue fills with refusals first: the flood, not the reading, is the cause."""
+    overrides = dict(rate_per_s=5, rate_burst=5, rate_abuse_limit=10**6, outbox_size=4, slow_consumer_timeout_s=0.5)
+    async with scenario(**overrides) as server:
+        raw = await open_raw(server.ws_url, token_for(server, "flood-deaf"), rcvbuf=4096)
+        await raw.read_event()
+        # the server's side of the socket buffers little too, so that the
+        # replies (pongs, rate_limited errors) back up within a second
+        [session] = [x for x in server.hub.sessions if x.identity.user_id == "flood-deaf"]
+        session.ws._stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        frame = json.dumps({"type": "ping", "id": "x" * 128}).encode()
+        with trio.move_on_after(10):
+            try:
+                while "flood-deaf" in server.hub.users:
+                    await raw.send_frame(OP_TEXT, frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass  # the server hung up
+        with trio.fail_after(10):
+            while "flood-deaf" in server.hub.users:
+                await trio.sleep(0.02)
+        assert server.hub.metrics.connections_closed.labels("4429")._value.get() == 1
+        assert server.hub.metrics.slow_consumer_closes._value.get() == 0
+        await raw.stream.aclose()
 
 
 async def test_over_limit_connections():

@@ -915,7 +915,10 @@ def _targets(report: dict[str, Any], mix: dict[str, int]) -> dict[str, bool]:
         t["slow_readers_closed_within_bound"] = f["injected"] > 0 and f["server_did"]["closed_within_bound"] == f["injected"]
     if "flood" in mix:
         f = faults["flood"]
-        t["floods_closed_4429"] = f["injected"] > 0 and f["server_did"]["closes_4429_seen"] == f["injected"]
+        # what the server decided, and what reached the client: a flooder that
+        # has not read its backlog within close_timeout gets the socket cut
+        t["floods_closed_4429_by_server"] = f["injected"] > 0 and f["server_did"]["closes_4429_metric"] == f["injected"]
+        t["floods_saw_4429"] = f["injected"] > 0 and f["server_did"]["closes_4429_seen"] == f["injected"]
     if "tool_hang" in mix:
         f = faults["tool_hang"]
         t["hangs_became_failed_calls"] = f["injected"] > 0 and f["client_saw"].get("tool_errors_seen", 0) == f["injected"]

@@ -69,6 +69,19 @@ class Metrics:
             registry=s.registry,
         )
     )
+    model_turn: Histogram = _registry_field(
+        lambda s: Histogram(
+            "netra_model_turn_seconds",
+            "One model turn, from the request (capacity granted) to the end of its stream, by outcome.",
+            ["outcome"], buckets=_LATENCY, registry=s.registry,
+        )
+    )
+    model_first_event: Histogram = _registry_field(
+        lambda s: Histogram(
+            "netra_model_first_event_seconds", "From a model request to its first streamed event.",
+            buckets=_LATENCY, registry=s.registry,
+        )
+    )
     model_tokens: Counter = _registry_field(
         lambda s: Counter("netra_model_tokens", "Model tokens by kind.", ["kind"], registry=s.registry)
     )

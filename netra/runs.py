@@ -164,6 +164,7 @@ async def execute(session: Session, run: Run) -> None:
                             model_limiter=hub.model_limiter,
                             tool_limiters=hub.tool_limiters,
                             on_tool_call=session.count_tool_call,
+                            on_model_turn=session.count_model_turn,
                         )
                         timeout = run.agent.timeout_s or config.run_timeout_s
                         try:

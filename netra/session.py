@@ -447,6 +447,12 @@ class Session:
         m.tool_calls.labels(record.name, outcome).inc()
         m.tool_duration.labels(record.name).observe(record.duration_ms / 1000)
 
+    def count_model_turn(self, outcome: str, first: float | None, total: float) -> None:
+        m = self.hub.metrics
+        m.model_turn.labels(outcome).observe(total)
+        if first is not None:
+            m.model_first_event.observe(first)
+
     def queued_events(self) -> int:
         return self._send.statistics().current_buffer_used
 

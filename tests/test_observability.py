@@ -78,6 +78,12 @@ async def test_metrics_match_a_scripted_scenario():
         assert value("netra_limiter_borrowed", limiter="global") == 0
         assert value("netra_outbox_queued") == 0
         assert value("netra_model_tokens_total", kind="completion_tokens") > 0
+        # model turns: two for each tool run (the call, then the answer), one
+        # for each run stopped in its tool, and the failing model's one,
+        # which streamed nothing
+        assert value("netra_model_turn_seconds_count", outcome="ok") == 6
+        assert value("netra_model_turn_seconds_count", outcome="error") == 1
+        assert value("netra_model_first_event_seconds_count") == 6
 
 
 async def test_closed_connections_let_go_of_their_tasks_at_once():
@@ -131,6 +137,25 @@ async def test_runs_affected_sees_a_run_stopped_from_outside_its_user():
             await settle(server.hub)
         assert by_label(server.hub.metrics.runs_affected) == {"other_user": 1, "unrequested": 1}
         assert by_label(server.hub.metrics.runs_failed) == {}
+
+
+async def test_model_turns_that_time_out_or_are_cancelled_are_counted_so():
+    config = config_for_tests(model_idle_timeout_s=0.3)  # a stalled model sends one chunk
+    async with open_server(config) as server:
+        with trio.fail_after(20):
+            async with connect(server.ws_url, token_for(server, "slow-model")) as conn:
+                events = await conn.collect("[[model:stall]]")
+                assert events[-1].type == "agent_error" and events[-1].raw["code"] == "llm_error"
+                assert server.hub.metrics.model_turn.labels("timeout")._sum.get() >= 0.3
+                run = conn.run("[[model:stall]]")
+                delta = await until(run, "text_delta")
+                await conn.cancel(run_id=delta.raw["run_id"])
+                assert (await until(run, "agent_cancelled")).raw["reason"] == "client"
+            await settle(server.hub)
+        got = samples(server.hub.metrics.render().decode())
+        for outcome in ("timeout", "cancelled"):
+            assert got[("netra_model_turn_seconds_count", (("outcome", outcome),))] == 1
+        assert got[("netra_model_first_event_seconds_count", ())] == 2
 
 
 async def test_metrics_can_require_a_token():

@@ -74,6 +74,11 @@ class AgentLoop:
     tool_limiters: Mapping[str, trio.CapacityLimiter]
     #: Observes each finished tool call (metrics); must not block.
     on_tool_call: Callable[[ToolCallRecord, str], None] = lambda record, outcome: None
+    #: Observes each model turn (metrics): outcome (ok, error, timeout,
+    #: cancelled), seconds to the first streamed event (None: there was
+    #: none) and seconds to the end of the turn, both from the request
+    #: (after the model limiter). Must not block.
+    on_model_turn: Callable[[str, float | None, float], None] = lambda outcome, first, total: None
 
     text_parts: list[str] = attrs.field(factory=list)
     usage: dict[str, int] = attrs.field(factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
@@ -114,16 +119,31 @@ class AgentLoop:
         timeout = self.limits.first_chunk_timeout_s
         # one scope for the whole turn: its deadline is armed only while waiting
         # for the model (not while our own events are queued) and moved per chunk
-        with trio.CancelScope() as waiting:
-            async with self.model_limiter, self.model.stream(request) as events:
-                while True:
-                    waiting.deadline = trio.current_time() + timeout
-                    event = await anext(events, None)
-                    waiting.deadline = math.inf
-                    if event is None:
-                        break
-                    timeout = self.limits.idle_timeout_s
-                    await self._handle(event, step, calls, turn_text)
+        started: float | None = None
+        first: float | None = None
+        outcome = "error"
+        try:
+            with trio.CancelScope() as waiting:
+                async with self.model_limiter:
+                    started = trio.current_time()
+                    async with self.model.stream(request) as events:
+                        while True:
+                            waiting.deadline = trio.current_time() + timeout
+                            event = await anext(events, None)
+                            waiting.deadline = math.inf
+                            if event is None:
+                                break
+                            if first is None:
+                                first = trio.current_time() - started
+                            timeout = self.limits.idle_timeout_s
+                            await self._handle(event, step, calls, turn_text)
+            outcome = "timeout" if waiting.cancelled_caught else "ok"
+        except trio.Cancelled:
+            outcome = "cancelled"
+            raise
+        finally:
+            if started is not None:
+                self.on_model_turn(outcome, first, trio.current_time() - started)
         if waiting.cancelled_caught:
             raise LLMError(f"the model sent nothing for {timeout:g}s")
         if self._announced_step != step:  # at least one agent_thinking per step

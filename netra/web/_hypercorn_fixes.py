@@ -1,7 +1,8 @@
 """Two narrow fixes to hypercorn's WebSocket stream, applied when a server starts.
 
-1. Invalid frames get their close code. When a client sends a frame wsproto cannot accept (a text message that is not
-valid UTF-8, a protocol violation), wsproto reports it as a
+1. Invalid frames get their close code. When a client sends a frame wsproto
+cannot accept (a text message that is not valid UTF-8, a protocol violation),
+wsproto reports it as a
 ``CloseConnection`` with the right code (1007, 1002) while the connection is
 still open. Hypercorn 0.17-0.18 answers close frames only in the
 REMOTE_CLOSING state, so it drops the TCP connection without telling the
@@ -15,8 +16,9 @@ everything else is left to hypercorn. ``tests/test_isolation.py`` checks the
 connection's task group (so its socket, in CLOSE_WAIT when the peer left)
 waits for it: every closed connection held a socket and two tasks for up to
 one heartbeat interval (20 s by default), which under churn is thousands of
-sockets. The ping loop now runs in a cancel scope that is cancelled as soon
-as the stream is closed. ``tests/test_observability.py`` checks that the
+sockets. The ping loop now runs in a cancel scope, and the stream's
+``closed`` attribute cancels it the moment it becomes true (wherever
+hypercorn sets it), at no cost to the events and sends in between. ``tests/test_observability.py`` checks that the
 server's task count is back to its start seconds after connections close,
 with a heartbeat far longer than that.
 """
@@ -32,6 +34,7 @@ from wsproto.events import CloseConnection
 
 _MARK = "_netra_fixed"
 _PING_SCOPE = "_netra_ping_scope"
+_CLOSED = "_netra_closed"
 
 
 def install() -> None:
@@ -68,31 +71,29 @@ def install() -> None:
 
 
 def _stop_pings_on_close(cls: Any) -> None:
-    send_pings, handle, app_send = cls._send_pings, cls.handle, cls.app_send
+    send_pings = cls._send_pings
 
     async def _send_pings(self: Any) -> None:
         with trio.CancelScope() as scope:
-            setattr(self, _PING_SCOPE, scope)
+            self.__dict__[_PING_SCOPE] = scope
             if not self.closed:
                 await send_pings(self)
 
-    def stop_if_closed(self: Any) -> None:
-        if self.closed and (scope := getattr(self, _PING_SCOPE, None)) is not None:
+    cls._send_pings = _send_pings
+    cls.closed = _ClosedStopsPings()
+
+
+class _ClosedStopsPings:
+    """``WSStream.closed``, stored per instance; setting it true cancels the
+    stream's ping loop."""
+
+    def __get__(self, stream: Any, owner: Any = None) -> Any:
+        return self if stream is None else stream.__dict__.get(_CLOSED, False)
+
+    def __set__(self, stream: Any, value: bool) -> None:
+        stream.__dict__[_CLOSED] = value
+        if value and (scope := stream.__dict__.get(_PING_SCOPE)) is not None:
             scope.cancel()
-
-    async def _handle(self: Any, event: Any) -> None:
-        try:
-            await handle(self, event)
-        finally:
-            stop_if_closed(self)
-
-    async def _app_send(self: Any, message: Any) -> None:
-        try:
-            await app_send(self, message)
-        finally:
-            stop_if_closed(self)
-
-    cls._send_pings, cls.handle, cls.app_send = _send_pings, _handle, _app_send
 
 
 class _SendClose(Exception):

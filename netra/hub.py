@@ -20,7 +20,7 @@ from .agents.runner import RunLimits, agent_tools
 from .auth import TokenVerifier
 from .config import Config
 from .limits import BoundedMap, UserState
-from .metrics import Metrics
+from .metrics import Metrics, count_tasks
 from .models.base import Model
 from .models.scripted import ScriptedModel
 from .store.base import Store
@@ -73,7 +73,7 @@ class Hub:
     def _wire_gauges(self) -> None:
         """Gauges read at scrape time from the live objects (nothing to keep in sync)."""
         m = self.metrics
-        m.tasks.set_function(_count_tasks)
+        m.tasks.set_function(count_tasks)
         m.outbox_queued.set_function(lambda: sum(s.queued_events() for s in list(self.sessions)))
         m.limiter_borrowed.labels("global").set_function(lambda: self.run_limiter.borrowed_tokens)
         m.limiter_borrowed.labels("model").set_function(lambda: self.model_limiter.borrowed_tokens)
@@ -205,18 +205,3 @@ def _model_from_config(config: Config) -> Model:
             return from_config(config)
         case other:
             raise ValueError(f"unknown model provider {other!r} (scripted or openai)")
-
-
-def _count_tasks() -> float:
-    """Every live task of the current trio run (nan outside one)."""
-    try:
-        root = trio.lowlevel.current_root_task()
-    except RuntimeError:
-        return float("nan")
-    count, stack = 0, [root]
-    while stack:
-        task = stack.pop()
-        count += 1
-        for nursery in task.child_nurseries:
-            stack.extend(nursery.child_tasks)
-    return float(count)

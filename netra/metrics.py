@@ -3,7 +3,10 @@ so two servers in one process, as in tests, never share counters)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import attrs
+import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -163,3 +166,21 @@ class Metrics:
     def render(self) -> bytes:
         """The exposition text; call it from inside the trio run (task count)."""
         return generate_latest(self.registry)
+
+
+def live_tasks() -> Iterator[trio.lowlevel.Task]:
+    """Every live task of the current trio run, the root first."""
+    stack = [trio.lowlevel.current_root_task()]
+    while stack:
+        task = stack.pop()
+        yield task
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+
+
+def count_tasks() -> float:
+    """The ``netra_trio_tasks`` gauge (nan outside a trio run)."""
+    try:
+        return float(sum(1 for _ in live_tasks()))
+    except RuntimeError:
+        return float("nan")

@@ -298,7 +298,6 @@ def event_fields(event: Event) -> dict[str, Any]:
     return out
 
 
-
 def encode_event(event: Event, *, seq: int, ts: int) -> str:
     """Serialise one event with its per-connection ``seq`` and ``ts`` (epoch ms)."""
     return json.dumps(

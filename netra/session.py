@@ -211,11 +211,14 @@ class Session:
         ids = {"connection_id": self.connection_id, "user_id": self.identity.user_id}
         if self.bucket.abuse_now() >= 1.0:
             log.info("flooding and not reading", extra=ids)
-            self.close(errors.CLOSE_TOO_MANY, "message rate exceeded", cause="rate_limited")
+            self._close_flooding()
             return
         log.info("slow consumer", extra=ids)
         self.hub.metrics.slow_consumer_closes.inc()
         self.close(errors.CLOSE_SLOW_CONSUMER, "slow consumer", cause="slow_consumer")
+
+    def _close_flooding(self) -> None:
+        self.close(errors.CLOSE_TOO_MANY, "message rate exceeded", cause="rate_limited")
 
     async def emit(self, run: Run, event: RunEvent) -> None:
         """Queue an event of ``run``, keeping the run's event rules: nothing
@@ -294,7 +297,7 @@ class Session:
             if not self.bucket.take():
                 self.hub.metrics.bad_frames.labels("rate_limited").inc()
                 if self.bucket.abuse >= c.rate_abuse_limit:
-                    self.close(errors.CLOSE_TOO_MANY, "message rate exceeded", cause="rate_limited")
+                    self._close_flooding()
                     return
                 await self.put(Error(
                     code="rate_limited", message="too many messages; slow down",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
+from netra.metrics import live_tasks
 from netra.testing import open_server, config_for_tests
 
 
@@ -16,16 +17,7 @@ async def server():
 
 def netra_tasks() -> list[str]:
     """Names of live tasks that belong to a netra connection or run."""
-    names: list[str] = []
-
-    def walk(task: trio.lowlevel.Task) -> None:
-        for nursery in task.child_nurseries:
-            for child in nursery.child_tasks:
-                names.append(child.name)
-                walk(child)
-
-    walk(trio.lowlevel.current_root_task())
-    return [n for n in names if n.startswith(("netra.session", "netra.runs"))]
+    return [t.name for t in live_tasks() if t.name.startswith(("netra.session", "netra.runs"))]
 
 
 def by_label(counter) -> dict[str, float]:

@@ -18,6 +18,7 @@ import trio
 import trio_websocket
 
 from netra.client import ConnectionClosed, RunRefused, connect
+from netra.metrics import live_tasks
 from netra.testing import config_for_tests, open_server, token_for
 from netra.tools import tool
 
@@ -524,17 +525,7 @@ async def test_a_flooding_user_cannot_starve_others():
 
 
 def _hypercorn_connection_tasks() -> int:
-    count = 0
-
-    def walk(task: trio.lowlevel.Task) -> None:
-        nonlocal count
-        for nursery in task.child_nurseries:
-            for child in nursery.child_tasks:
-                count += child.name.endswith("_run_handler")  # one per TCP connection
-                walk(child)
-
-    walk(trio.lowlevel.current_root_task())
-    return count
+    return sum(t.name.endswith("_run_handler") for t in live_tasks())  # one per TCP connection
 
 
 async def test_a_flooder_that_never_reads_leaves_nothing_behind():

@@ -210,18 +210,7 @@ async def test_a_retried_thread_starting_message_starts_nothing(store: Store) ->
         # the same id from another user is that user's own first message
         assert (await store.begin_run(start_of(other, client_id="hello-1"))).duplicate_of is None
 
-        starts = [start_of(user, client_id="race") for _ in range(10)]
-        results: list[str | None] = []
-
-        async def go(s: RunStart) -> None:
-            results.append((await store.begin_run(s)).duplicate_of)
-
-        async with trio.open_nursery() as nursery:
-            for s in starts:
-                nursery.start_soon(go, s)
-        assert results.count(None) == 1
-        [winner] = {r for r in results if r is not None}
-        assert winner in {s.run_id for s in starts} and results.count(winner) == 9
+        await _race_one_winner(store, [start_of(user, client_id="race") for _ in range(10)])
         assert await count(store, "threads", "user_id = ?", user) == 2
         assert await count(store, "runs", "user_id = ?", user) == 2
 
@@ -230,19 +219,24 @@ async def test_concurrent_duplicates_start_one_run(store: Store) -> None:
     user = uid("user")
     with trio.fail_after(IO_TIMEOUT):
         thread = (await store.begin_run(start_of(user))).thread
-        starts = [start_of(user, thread_id=thread.id, client_id="same") for _ in range(10)]
-        results: list[str | None] = []
-
-        async def go(s: RunStart) -> None:
-            results.append((await store.begin_run(s)).duplicate_of)
-
-        async with trio.open_nursery() as nursery:
-            for s in starts:
-                nursery.start_soon(go, s)
-        assert results.count(None) == 1
-        [winner] = {r for r in results if r is not None}
-        assert winner in {s.run_id for s in starts} and results.count(winner) == 9
+        await _race_one_winner(store, [start_of(user, thread_id=thread.id, client_id="same") for _ in range(10)])
         assert await count(store, "runs", "thread_id = ?", thread.id) == 2
+
+
+async def _race_one_winner(store: Store, starts: list[RunStart]) -> None:
+    """Begin all of ``starts`` (one client id) at once: exactly one starts a
+    run, every other one is answered with that run."""
+    results: list[str | None] = []
+
+    async def go(s: RunStart) -> None:
+        results.append((await store.begin_run(s)).duplicate_of)
+
+    async with trio.open_nursery() as nursery:
+        for s in starts:
+            nursery.start_soon(go, s)
+    assert results.count(None) == 1
+    [winner] = {r for r in results if r is not None}
+    assert winner in {s.run_id for s in starts} and results.count(winner) == len(starts) - 1
 
 
 async def test_finish_run_records_the_outcome(store: Store) -> None:

@@ -244,20 +244,29 @@ def tcp_sockets(port: int) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def rss_mib(pid: int | None) -> dict[str, float] | None:
-    """VmRSS and VmHWM (peak) of ``pid`` in MiB, from /proc/PID/status."""
+def status_kib(pid: int | None, *keys: str) -> dict[str, int] | None:
+    """Memory lines of /proc/PID/status (``VmRSS``, ``VmHWM``...) in KiB."""
     if pid is None:
         return None
-    out: dict[str, float] = {}
+    out: dict[str, int] = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    out[key] = round(int(value.split()[0]) / 1024, 1)  # kB
+                if key in keys:
+                    out[key] = int(value.split()[0])  # kB
     except OSError:
         return None
-    return {"rss": out.get("VmRSS"), "hwm": out.get("VmHWM")}
+    return out
+
+
+def rss_mib(pid: int | None) -> dict[str, float] | None:
+    """VmRSS and VmHWM (peak) of ``pid`` in MiB."""
+    kib = status_kib(pid, "VmRSS", "VmHWM")
+    if kib is None:
+        return None
+    return {name: round(kib[key] / 1024, 1) if key in kib else None
+            for name, key in (("rss", "VmRSS"), ("hwm", "VmHWM"))}
 
 
 async def wait_ready(server: Server, timeout_s: float = 30.0) -> None:

@@ -69,13 +69,6 @@ def split(total: int, parts: int) -> list[int]:
     return [base + (i < extra) for i in range(parts)]
 
 
-def fd_count(pid: int) -> int | None:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return None
-
-
 def nofile_of(pid: int) -> int | None:
     """The soft 'Max open files' of a running process."""
     try:
@@ -88,15 +81,6 @@ def nofile_of(pid: int) -> int | None:
     return None
 
 
-def rss_kib(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 async def readyz(server: _servers.Server) -> dict[str, Any] | None:

@@ -156,7 +156,7 @@ async def _close_batch(workers: list[Any]) -> list[dict[str, Any]]:
 async def _snapshot(server: _servers.Server) -> dict[str, Any]:
     pid = server.proc.pid
     ready = await _spawn.readyz(server)
-    return {"rss_kib": _spawn.rss_kib(pid), "fds": _spawn.fd_count(pid),
+    return {"rss_kib": (_servers.status_kib(pid, "VmRSS") or {}).get("VmRSS"), "fds": _servers.fd_count(pid),
             "connections": None if ready is None else ready.get("connections"),
             "users": None if ready is None else ready.get("users")}
 

@@ -48,7 +48,7 @@ async def _sample(server: _servers.Server, label: str, runs_done: int) -> dict[s
     pid = server.proc.pid
     mem = _servers.rss_mib(pid) or {}
     out: dict[str, Any] = {"at": label, "runs_done": runs_done, "rss_mib": mem.get("rss"), "hwm_mib": mem.get("hwm"),
-                           "fds": _spawn.fd_count(pid)}
+                           "fds": _servers.fd_count(pid)}
     ready = await _spawn.readyz(server)
     if ready is not None:
         out["readyz"] = {k: v for k, v in ready.items() if k not in ("ready", "problems")}

@@ -9,7 +9,10 @@ JSON then carries netra/peer and netra/floor ratios.
 
 The JSON goes to stdout (and ``--json PATH``); progress goes to stderr.
 See bench/README.md for what every figure means. ``python -m bench chaos
-...`` runs the chaos benchmark instead (bench/chaos.py).
+...`` runs the chaos benchmark instead (bench/chaos.py), ``python -m bench
+hotpath`` the pinned-core golden-path benchmark with the raw-socket client
+(bench/hotpath.py) and ``python -m bench framing`` the framing and JSON
+micro-benchmark (bench/framing.py).
 """
 
 from __future__ import annotations
@@ -180,6 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         from .chaos import main as chaos_main
 
         return chaos_main(argv[1:])
+    if argv[:1] == ["hotpath"]:  # python -m bench hotpath ...: pinned cores, raw-socket client
+        from .hotpath import main as hotpath_main
+
+        return hotpath_main(argv[1:])
+    if argv[:1] == ["framing"]:  # python -m bench framing: WebSocket framing and JSON encoding costs
+        from .framing import main as framing_main
+
+        return framing_main(argv[1:])
     args = _parse(argv)
     try:
         out = trio.run(_bench, args)

@@ -113,33 +113,71 @@ class Server:
 
 
 def command(kind: str, port: int) -> list[str]:
-    if kind == "netra":
+    if kind.startswith("netra"):
         return [sys.executable, "-m", "netra", "serve", "--host", HOST, "--port", str(port)]
     script = {"peer": "fastapi_peer.py", "floor": "raw_floor.py"}[kind]
     return [sys.executable, str(ROOT / "bench" / "peers" / script), "--host", HOST, "--port", str(port)]
 
 
 def start(kind: str, *, secret: str, delay_ms: float, log_dir: Path,
-          netra_defaults: dict[str, str] | None = None, netra_forced: dict[str, str] | None = None) -> Server:
+          netra_defaults: dict[str, str] | None = None, netra_forced: dict[str, str] | None = None,
+          netra_unset: tuple[str, ...] = (), netra_root: Path | None = None,
+          cpus: set[int] | None = None, nofile: int | None = None) -> Server:
     """Start one server (not yet ready: see :func:`wait_ready`).
 
-    For netra, ``netra_defaults`` (then :data:`NETRA_DEFAULTS`) apply unless
-    the caller's environment sets the variable; ``netra_forced`` always applies."""
+    For netra (any kind starting with ``netra``), ``netra_defaults`` (then
+    :data:`NETRA_DEFAULTS`) apply unless the caller's environment sets the
+    variable; ``netra_forced`` always applies; ``netra_unset`` removes
+    variables (e.g. ``NETRA_DATABASE_URL``, for netra's default store);
+    ``netra_root`` runs the netra package of another source tree. ``cpus``
+    pins the server (and every thread and process it starts) to those CPUs;
+    ``nofile`` sets its soft open-file limit (capped at the hard limit)."""
     port = free_port()
     env = dict(os.environ)
-    if kind == "netra":
+    root = ROOT
+    if kind.startswith("netra"):
         for key, value in {**NETRA_DEFAULTS, **(netra_defaults or {})}.items():
             env.setdefault(key, value)
         env.update(netra_forced or {})
+        for key in netra_unset:
+            env.pop(key, None)
+        root = netra_root or ROOT
     env["NETRA_JWT_SECRET"] = secret
     env["NETRA_SCRIPTED_DELAY_MS"] = str(delay_ms)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     log_path = log_dir / f"{kind}.log"
+
+    def preexec() -> None:
+        pdeathsig()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+        if nofile:
+            import resource
+
+            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
+
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(command(kind, port), cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(command(kind, port), cwd=root, env=env, stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=pdeathsig)
+                                preexec_fn=preexec)
     return Server(kind, port, proc, log_path)
+
+
+def affinity_of(pid: int) -> dict[int, list[int]]:
+    """CPUs each thread of ``pid`` and of its descendants may run on."""
+    out: dict[int, list[int]] = {}
+    for p in _descendants(pid):
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                out[int(task)] = sorted(os.sched_getaffinity(int(task)))
+            except OSError:
+                continue
+    return out
 
 
 async def _probe(server: Server) -> bool:
@@ -148,7 +186,7 @@ async def _probe(server: Server) -> bool:
         with trio.fail_after(2):
             stream = await trio.open_tcp_stream(HOST, server.port)
             async with stream:
-                if server.kind != "netra":
+                if not server.kind.startswith("netra"):
                     return True
                 await stream.send_all(f"GET /healthz HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
                 head = await stream.receive_some(4096)

@@ -74,7 +74,9 @@ class Config:
     )
 
     # -- capacity -------------------------------------------------------------
-    max_connections: int = _doc("Open WebSocket connections, all users.", default=10000)
+    max_connections: int = _doc(
+        "Open client connections (WebSocket and HTTP), counted from their first byte.", default=10000
+    )
     max_connections_per_user: int = _doc("Open connections per user.", default=16)
     max_runs: int = _doc("Concurrent runs, all users.", default=256)
     max_runs_per_user: int = _doc("Concurrent runs per user, all connections.", default=4)
@@ -100,10 +102,13 @@ class Config:
     history_window: int = _doc("Earlier messages of the thread given to the model.", default=20)
 
     # -- outbound -----------------------------------------------------------
-    outbox_size: int = _doc("Events buffered per connection.", default=256)
-    slow_consumer_timeout_s: float = _doc(
-        "A connection whose event queue stays full this long closes 4430.", default=5.0
+    outbox_size: int = _doc("Events held per connection while its client is behind; more closes 4430.", default=256)
+    write_timeout_s: float = _doc(
+        "A write the client has not taken after this long closes the connection (4430, or cut); "
+        "every socket, HTTP included.",
+        default=5.0,
     )
+    handshake_timeout_s: float = _doc("Time a new connection has to send its request head.", default=10.0)
     close_timeout_s: float = _doc(
         "Time given to flush events and a close frame before the socket is cut.", default=2.0
     )

@@ -21,6 +21,7 @@ from .auth import TokenVerifier
 from .config import Config
 from .limits import BoundedMap, UserState
 from .metrics import Metrics, count_tasks
+from .flusher import Flusher
 from .models.base import Model
 from .models.scripted import ScriptedModel
 from .store.base import Store
@@ -57,6 +58,8 @@ class Hub:
     shared_tools: tuple[str, ...] = ()
     draining: bool = False
     store_ready: bool = True
+    #: Hands every session's pending events to its transport once per scheduler pass.
+    flusher: Flusher = attrs.field(factory=Flusher)
 
     def __attrs_post_init__(self) -> None:
         c = self.config
@@ -115,6 +118,18 @@ class Hub:
             shared_tools=tuple(t.name for t in extra_tools),
         )
 
+    async def open(self) -> None:
+        """Open what the hub holds that needs it (the store: connect, migrate)."""
+        if self.store is not None:
+            await self.store.open()
+
+    async def aclose(self) -> None:
+        if self.store is not None:
+            await self.store.aclose()
+        aclose = getattr(self.model, "aclose", None)  # a provider's HTTP client
+        if aclose is not None:
+            await aclose()
+
     def run_limits(self, agent: Any) -> RunLimits:
         c = self.config
         return RunLimits(
@@ -156,7 +171,8 @@ class Hub:
             "max_tool_calls": c.max_tool_calls,
             "tool_timeout_s": c.tool_timeout_s,
             "max_output_bytes": c.max_output_bytes,
-            "slow_consumer_timeout_s": c.slow_consumer_timeout_s,
+            "write_timeout_s": c.write_timeout_s,
+            "slow_consumer_timeout_s": c.write_timeout_s,  # its earlier name, still read by clients
             "heartbeat_interval_s": c.heartbeat_interval_s,
             "auth_timeout_s": c.auth_timeout_s,
             "default_multitask": c.default_multitask,

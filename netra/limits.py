@@ -29,10 +29,8 @@ class TokenBucket:
     burst: int
     _tokens: float = attrs.field(init=False)
     _stamp: float = attrs.field(init=False)
-    #: Refusals, forgotten at ``rate`` per second: it climbs only while the
-    #: client keeps sending well above its rate (sustained abuse), however
-    #: slowly a busy server happens to read its frames.
-    abuse: float = 0.0
+    #: Refusals in a row: any accepted message resets it to 0.
+    refusals: int = 0
 
     def __attrs_post_init__(self) -> None:
         self._tokens = float(self.burst)
@@ -40,19 +38,14 @@ class TokenBucket:
 
     def take(self) -> bool:
         now = trio.current_time()
-        elapsed = now - self._stamp
-        self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
-        self.abuse = max(0.0, self.abuse - elapsed * self.rate)
+        self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
         if self._tokens >= 1.0:
             self._tokens -= 1.0
+            self.refusals = 0
             return True
-        self.abuse += 1.0
+        self.refusals += 1
         return False
-
-    def abuse_now(self) -> float:
-        """The refusal count as of now, decayed, without taking a token."""
-        return max(0.0, self.abuse - (trio.current_time() - self._stamp) * self.rate)
 
     def retry_after_ms(self) -> int:
         return max(1, round((1.0 - self._tokens) / self.rate * 1000)) if self.rate > 0 else 1000
@@ -103,7 +96,7 @@ async def acquire_all(
     owner: object, limiters: list[trio.CapacityLimiter], on_wait: Any
 ) -> AsyncIterator[None]:
     """Acquire ``limiters`` in order on behalf of ``owner``; before blocking on
-    one, ``await on_wait(limiter)`` (which announces the wait). Everything
+    one, ``on_wait(limiter)`` (which announces the wait). Everything
     acquired is released on exit, including after cancellation while waiting."""
     held: list[trio.CapacityLimiter] = []
     try:
@@ -111,7 +104,7 @@ async def acquire_all(
             try:
                 limiter.acquire_on_behalf_of_nowait(owner)
             except trio.WouldBlock:
-                await on_wait(limiter)
+                on_wait(limiter)
                 await limiter.acquire_on_behalf_of(owner)
             held.append(limiter)
         yield

@@ -108,6 +108,32 @@ class Metrics:
             registry=s.registry,
         )
     )
+    deltas_merged: Counter = _registry_field(
+        lambda s: Counter(
+            "netra_deltas_merged", "text_delta events merged into the previous one while a client was behind.",
+            registry=s.registry,
+        )
+    )
+    connections_dropped: Counter = _registry_field(
+        lambda s: Counter(
+            "netra_connections_dropped",
+            "Connections closed before their request was routed, by reason "
+            "(max_connections, handshake_timeout, head_too_large, resources).",
+            ["reason"], registry=s.registry,
+        )
+    )
+    http_write_aborts: Counter = _registry_field(
+        lambda s: Counter(
+            "netra_http_write_aborts", "HTTP connections cut because a response write passed write_timeout_s.",
+            registry=s.registry,
+        )
+    )
+    open_sockets: Gauge = _registry_field(
+        lambda s: Gauge(
+            "netra_open_sockets", "Client connections open now, WebSocket and HTTP, authenticated or not.",
+            registry=s.registry,
+        )
+    )
     outbox_queued: Gauge = _registry_field(
         lambda s: Gauge("netra_outbox_queued", "Events queued for all connections now.", registry=s.registry)
     )

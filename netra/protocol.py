@@ -13,6 +13,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar, Final, Literal
 
 import attrs
+import orjson
 
 from .errors import BadRequest, TooLarge, UnknownType
 
@@ -82,8 +83,8 @@ def parse_client_message(
     if len(data) > max_bytes:  # characters <= bytes; the server also bounds bytes
         raise TooLarge(f"frame larger than {max_bytes} bytes")
     try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError):
+        obj = orjson.loads(data)  # strict JSON: NaN and Infinity are refused too
+    except orjson.JSONDecodeError:
         raise BadRequest("frame is not valid JSON") from None
     if not isinstance(obj, dict):
         raise BadRequest("frame must be a JSON object")
@@ -298,14 +299,14 @@ def event_fields(event: Event) -> dict[str, Any]:
     return out
 
 
-def encode_event(event: Event, *, seq: int, ts: int) -> str:
-    """Serialise one event with its per-connection ``seq`` and ``ts`` (epoch ms)."""
-    return json.dumps(
-        {"type": event.type, "seq": seq, "ts": ts, **event_fields(event)},
-        ensure_ascii=False,
-        separators=(",", ":"),
-        default=str,
-    )
+def encode_event(event: Event, *, seq: int, ts: int) -> bytes:
+    """Serialise one event, with its per-session ``seq`` and ``ts`` (epoch
+    ms), to the UTF-8 JSON of a text frame."""
+    obj = {"type": event.type, "seq": seq, "ts": ts, **event_fields(event)}
+    try:
+        return orjson.dumps(obj, default=str, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:  # an integer beyond 64 bits in a tool's result
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=str).encode()
 
 
 def error_event(exc: Exception, *, ref: str | None = None) -> Error:
@@ -355,7 +356,7 @@ class Received:
         return self.raw.get("type", "")
 
 
-def decode_event(text: str) -> Received:
+def decode_event(text: str | bytes) -> Received:
     """Parse one server frame (the client side of :func:`encode_event`).
     Unknown fields are ignored and unknown types give ``event=None``, so a
     client keeps working when the server adds to the protocol."""

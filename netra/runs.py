@@ -128,18 +128,18 @@ async def execute(session: Session, run: Run) -> None:
                         raise _duplicate(begun.duplicate_of, begun.thread.id, run)
                     recorded = True
 
-                async def announce(limiter: trio.CapacityLimiter | None) -> None:
+                def announce(limiter: trio.CapacityLimiter | None) -> None:
                     if limiter is None:
                         position = len(thread.waiting)
                     else:
                         position = limiter.statistics().tasks_waiting + 1
                         metrics.limiter_waits.labels(session.limiter_name(limiter)).inc()
-                    await session.emit(run, RunQueued(
+                    session.emit(run, RunQueued(
                         run_id=run.id, thread_id=run.thread_id, position=position, ref=run.client_id
                     ))
 
                 if thread.active is not None or thread.lock.locked():
-                    await announce(None)
+                    announce(None)
                 async with thread.lock:
                     limiters = [session.run_limiter, user.run_limiter, hub.run_limiter]
                     async with acquire_all(run, limiters, announce):
@@ -147,7 +147,7 @@ async def execute(session: Session, run: Run) -> None:
                         thread.active = run
                         _start_executing(session, run)
                         exec_started = trio.current_time()
-                        await session.emit(run, AgentStarted(
+                        session.emit(run, AgentStarted(
                             run_id=run.id, thread_id=run.thread_id, agent=run.agent.name,
                             message_id=run.message_id, ref=run.client_id,
                         ))
@@ -198,7 +198,7 @@ async def execute(session: Session, run: Run) -> None:
             recorded = False
             await _record_outcome(session, run, loop, failure, exec_started, ending)
         if ending == "agent_cancelled":
-            await session.emit(run, AgentCancelled(
+            session.emit(run, AgentCancelled(
                 run_id=run.id, thread_id=run.thread_id, reason=run.cancel_reason or "client"
             ))
         elif ending == "agent_error":
@@ -209,7 +209,7 @@ async def execute(session: Session, run: Run) -> None:
             )
             await _report_failure(session, run, failure)
         else:
-            await session.emit(run, completed)
+            session.emit(run, completed)
     finally:
         session.run_ended(run, exec_started)
         if recorded:  # torn down with its connection: no terminal event to send
@@ -224,12 +224,12 @@ def _start_executing(session: Session, run: Run) -> None:
 
 async def _report_failure(session: Session, run: Run, failure: NetraError) -> None:
     if run.announced:
-        await session.emit(run, AgentError(
+        session.emit(run, AgentError(
             run_id=run.id, thread_id=run.thread_id, code=failure.code,
             message=failure.message, retryable=failure.retryable,
         ))
     else:  # refused before it started: no run events, an error for the message
-        await session.put(Error(
+        session.send(Error(
             code=failure.code, message=failure.message, ref=run.client_id,
             run_id=failure.extra.get("run_id"), thread_id=failure.extra.get("thread_id"),
         ))

@@ -1,50 +1,49 @@
-"""Serving: hypercorn's trio worker, signals, and a graceful drain.
+"""Serving: one listening socket, netra's WebSocket path, hypercorn for HTTP,
+signals, and a graceful drain.
 
-Hypercorn alone, on shutdown, waits its graceful timeout and then drops
-sockets without a close frame. netra drains first: on SIGTERM/SIGINT it
+The :class:`netra.transport.Listener` accepts every connection and routes
+it: ``GET /ws`` to :func:`netra.web.ws.serve_upgrade`, the rest to
+hypercorn (:mod:`netra.web.http`). On SIGTERM/SIGINT netra drains: it
 refuses new work, gives running runs ``drain_grace_s`` to finish, cancels
 the rest (``agent_cancelled`` reason ``shutdown``), closes every connection
-with 1001 once its events are flushed, and only then lets hypercorn stop.
+with 1001 once its events are flushed, then stops accepting and lets the
+HTTP side finish.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from . import errors
 from .hub import Hub
 from .runs import SERVER
 from .session import Session
-from .web import _hypercorn_fixes
+from .transport import Listener, ListenerLimits
 from .web.app import create_app
+from .web.http import HttpSide
+from .web.ws import serve_upgrade
 
 log = logging.getLogger("netra")
 
 
 def hypercorn_config(hub: Hub) -> HypercornConfig:
-    _hypercorn_fixes.install()
+    """What hypercorn needs for the HTTP side (it never sees a WebSocket)."""
     c = hub.config
     hc = HypercornConfig()
-    hc.bind = [f"{c.host}:{c.port}"]
-    hc.websocket_max_message_size = c.max_message_bytes
-    # the heartbeat: hypercorn pings; a peer silent (no pong, no frame) for
-    # interval + timeout hits the read timeout and is treated as gone
-    # (hypercorn's ping task outlives a closed connection by up to one interval)
-    if c.heartbeat_interval_s > 0:
-        hc.websocket_ping_interval = c.heartbeat_interval_s
-        hc.read_timeout = c.heartbeat_interval_s + c.heartbeat_timeout_s
+    hc.keep_alive_timeout = 5
+    hc.read_timeout = c.handshake_timeout_s
+    hc.h11_max_incomplete_size = 16 * 1024
     hc.graceful_timeout = c.close_timeout_s + 1
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
     hc.include_server_header = False
-    hc.backlog = 4096
     return hc
 
 
@@ -79,6 +78,7 @@ class Server:
 
     hub: Hub
     urls: list[str] = attrs.field(factory=list)
+    listener: Listener | None = None
     _stop: trio.Event = attrs.field(factory=trio.Event)
     _stopped: trio.Event = attrs.field(factory=trio.Event)
 
@@ -94,57 +94,53 @@ class Server:
         self._stop.set()
 
     async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
-        app = create_app(self.hub)
-        drained = trio.Event()
+        hub = self.hub
+        c, m = hub.config, hub.metrics
+        http = HttpSide(
+            create_app(hub), hypercorn_config(hub),
+            write_timeout_s=c.write_timeout_s, on_abort=m.http_write_aborts.inc,
+        )
+        listener = self.listener = Listener.bind(
+            c.host, c.port,
+            limits=ListenerLimits(max_connections=c.max_connections, handshake_timeout_s=c.handshake_timeout_s),
+            on_upgrade=functools.partial(serve_upgrade, hub),
+            on_http=http.serve,
+            on_refused=lambda reason: m.connections_dropped.labels(reason).inc(),
+        )
+        m.open_sockets.set_function(lambda: listener.open_connections)
+        try:
+            async with trio.open_nursery() as services:
+                await hub.open()
+                await services.start(http.run_lifespan)
+                services.start_soon(hub.flusher.run)
+                services.start_soon(_watch_loop_lag, hub)
+                async with trio.open_nursery() as connections:
+                    services.start_soon(listener.serve, connections)
+                    host, port = listener.address
+                    self.urls = [f"http://{'[' + host + ']' if ':' in host else host}:{port}"]
+                    log.info("listening on %s", self.urls[0])
+                    task_status.started(self)
+                    await self._stop.wait()
+                    await drain(hub)
+                    listener.close()
+                    await http.terminate()
+                    connections.cancel_scope.deadline = trio.current_time() + c.close_timeout_s + 1
+                await http.shutdown()
+                services.cancel_scope.cancel()
+        finally:
+            listener.close()
+            with trio.CancelScope(shield=True):
+                await hub.aclose()
+            self._stopped.set()
 
-        async def shutdown_trigger() -> None:
-            await self._stop.wait()
-            await drain(self.hub)
-            drained.set()
 
-        async with trio.open_nursery() as nursery:
-            self.urls = await nursery.start(_serve, app, hypercorn_config(self.hub), shutdown_trigger)
-            nursery.start_soon(_watch_loop_lag, self.hub, drained)
-            nursery.start_soon(_sweep_slow_consumers, self.hub, drained)
-            task_status.started(self)
-        self._stopped.set()
-
-
-async def _watch_loop_lag(hub: Hub, stop: trio.Event, *, interval_s: float = 0.25) -> None:
+async def _watch_loop_lag(hub: Hub, *, interval_s: float = 0.25) -> None:
     """Event-loop lag: how much later than asked a sleeping task wakes up.
     A busy or blocked loop shows here before it shows anywhere else."""
-    while not stop.is_set():
+    while True:
         asked = trio.current_time() + interval_s
-        with trio.move_on_after(interval_s):
-            await stop.wait()
+        await trio.sleep(interval_s)
         hub.metrics.loop_lag.set(max(0.0, trio.current_time() - asked))
-
-
-async def _sweep_slow_consumers(hub: Hub, stop: trio.Event) -> None:
-    """A client that stops reading blocks its writer inside one socket write
-    long before its event queue fills (a busy run fills it slowly). One sweep
-    for all connections finds writers stuck longer than the slow-consumer
-    timeout, at a cost of one attribute read per connection per tick."""
-    timeout = hub.config.slow_consumer_timeout_s
-    tick = max(0.05, timeout / 4)
-    while not stop.is_set():
-        with trio.move_on_after(tick):
-            await stop.wait()
-        now = trio.current_time()
-        for session in list(hub.sessions):
-            since = session.send_since
-            if since is not None and now - since > timeout:
-                session.slow_consumer()
-
-
-async def _serve(
-    app: object,
-    config: HypercornConfig,
-    shutdown_trigger: Callable[[], Awaitable[None]],
-    *,
-    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
 
 
 async def serve_forever(hub: Hub, *, on_ready: Callable[[Server], None] | None = None) -> None:

@@ -1,23 +1,26 @@
-"""One WebSocket connection, owned by one nursery.
+"""One client connection, owned by one nursery: the socket side of a session.
 
-The nursery owns the connection's receive loop, its single writer (the only
-task that writes to the socket), its timers and every run started on it. So a
-disconnect cancels exactly this connection's work, and a failure inside it
-can reach nothing else.
+The nursery owns the connection's receive loop, its transport's drain task
+and every run started on it. So a disconnect cancels exactly this
+connection's work, and a failure inside it can reach nothing else.
 
-Outgoing events pass through one bounded channel. A producer that finds it
-full waits at most ``slow_consumer_timeout_s``; past that the client is a slow
-consumer: its runs are cancelled and the connection closes 4430. Closing
-always follows the same path: cancel the runs, let the writer flush what is
-queued and send the close frame, and if that does not finish within
-``close_timeout_s`` (a peer that stopped reading leaves hypercorn's shielded
-send blocked) cut the socket, which frees every task and buffer of the
-connection.
+Sending never waits on the client. An event is appended to the session's
+pending list and the session is marked dirty; the hub's :class:`Flusher`
+wakes once per scheduler pass and hands every dirty session's pending
+events to its transport in one write (one ``send`` syscall for everything a
+pass produced). A transport that cannot take a write keeps the rest in its
+backlog under a write deadline (see :mod:`netra.transport.base`); while it
+is behind, events wait here and consecutive ``text_delta`` events of one run
+merge into one, so a slow network does not multiply frames. A backlog that
+does not drain within ``write_timeout_s`` makes this a slow consumer: its
+runs are cancelled and the connection closes 4430, or is cut when even the
+close frame cannot be delivered within ``close_timeout_s``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -41,13 +44,14 @@ from .protocol import (
     Ping,
     Pong,
     RunEvent,
+    TextDelta,
     UserMessage,
     encode_event,
     error_event,
     parse_client_message,
 )
 from .runs import REQUESTED_ENDINGS, SERVER, Run, execute, new_id
-from .web.ws import WebSocket
+from .transport import Transport
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -56,41 +60,41 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("netra.session")
 
-#: Most events the writer sends in one transport write.
-_MAX_BATCH = 64
-
 
 @attrs.define(eq=False)
 class Session:
     hub: Hub
-    ws: WebSocket
+    transport: Transport
     identity: Identity
     user: UserState
     connection_id: str = attrs.field(factory=lambda: f"conn_{uuid.uuid4().hex[:20]}")
     runs: dict[str, Run] = attrs.field(factory=dict)
-    #: Runs whose events this connection may carry: the isolation check of the writer.
+    #: Runs whose events this connection may carry: the isolation check of the flush.
     _owned: set[str] = attrs.field(factory=set)
     run_limiter: trio.CapacityLimiter = attrs.field(init=False)
     bucket: TokenBucket = attrs.field(init=False)
     seq: int = 0
     bad_frames: int = 0
-    #: When the writer's current socket write began (None: not writing).
-    send_since: float | None = None
     close_code: int | None = None
     closing: bool = False
-    _send: trio.MemorySendChannel[Event] = attrs.field(init=False)
-    _recv: trio.MemoryReceiveChannel[Event] = attrs.field(init=False)
+    #: Events not yet handed to the transport.
+    _pending: list[Event] = attrs.field(factory=list)
+    _dirty: bool = False
+    #: While the transport is behind: run id -> index of its last pending text_delta.
+    _merge: dict[str, int] = attrs.field(factory=dict)
     _nursery: trio.Nursery | None = None
-    _writer_done: trio.Event = attrs.field(factory=trio.Event)
     _runs_idle: trio.Event = attrs.field(factory=trio.Event)
-    _expiry_changed: trio.Event = attrs.field(factory=trio.Event)
+    _received_all: trio.Event = attrs.field(factory=trio.Event)
+    _expires_at: float = math.inf  # trio time at which the token's grace ends
 
     def __attrs_post_init__(self) -> None:
         c = self.hub.config
         self.run_limiter = trio.CapacityLimiter(c.max_runs_per_connection)
         self.bucket = TokenBucket(c.rate_per_s, c.rate_burst)
-        self._send, self._recv = trio.open_memory_channel(c.outbox_size)
         self._runs_idle.set()
+        self.transport.on_stalled = self.slow_consumer
+        self.transport.on_drained = self._drained
+        self._watch_expiry()
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -105,10 +109,8 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._writer)
-                nursery.start_soon(self._reaper)
-                nursery.start_soon(self._expiry_watch)
-                await self.put(Connected(
+                self.transport.start(nursery)
+                self.send(Connected(
                     connection_id=self.connection_id,
                     user_id=self.identity.user_id,
                     limits=hub.limits_advertised(),
@@ -120,10 +122,11 @@ class Session:
             self.user.connections.discard(self)
             hub.forget_user_if_idle(self.user)
             m.connections_open.dec()
-            # hypercorn reports any close by the peer as 1006, whatever its code
-            code = str(self.close_code) if self.close_code is not None else "client"
-            m.connections_closed.labels(code).inc()
-            log.info("connection closed", extra={**ids, "code": code})
+            t = self.transport
+            code = next((c for c in (self.close_code, t.local_close_code, t.peer_close_code) if c is not None), None)
+            label = str(code) if code is not None else "unknown"
+            m.connections_closed.labels(label).inc()
+            log.info("connection closed", extra={**ids, "code": label, "lost": self.transport.lost})
 
     def close(
         self, code: int | None, reason: str = "", *, cause: str,
@@ -136,70 +139,101 @@ class Session:
             return
         self.closing = True
         self.close_code = code
-        if code is None:
-            self.ws.closed = True  # nothing more can be sent
         for run in list(self.runs.values()):
             run.cancel(cancel_reason, by=by or self.identity.user_id, cause=cause)
         self._nursery.start_soon(self._close_sequence, code, reason)
 
     async def _close_sequence(self, code: int | None, reason: str) -> None:
+        """Runs end (their terminal events queued), everything pending goes
+        out, then the close frame; the peer has ``close_timeout_s`` in all to
+        answer it, after which the connection is cut."""
+        transport = self.transport
         with trio.move_on_after(self.hub.config.close_timeout_s) as waited:
             await self._runs_idle.wait()
-            self._send.close()  # the writer sends what is queued, then stops
-            await self._writer_done.wait()
+            self.flush()
             if code is not None:
-                await self.ws.close(code, reason)
+                transport.send_close(code, reason)
+            await self._received_all.wait()
         if waited.cancelled_caught:
             self.hub.metrics.transport_aborts.inc()
-            self.ws.abort()
+            transport.abort()
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
 
-    async def _reaper(self) -> None:
-        """If the nursery is cancelled from outside while the writer is stuck
-        in hypercorn's shielded send, cut the socket so the nursery can exit."""
-        try:
-            await trio.sleep_forever()
-        finally:
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(self.hub.config.close_timeout_s):
-                    await self._writer_done.wait()
-                if not self._writer_done.is_set():
-                    self.ws.abort()
-
-    async def _expiry_watch(self) -> None:
+    def _watch_expiry(self) -> None:
         grace = self.hub.config.token_expiry_grace_s
-        while True:
-            left = self.identity.expires_at + grace - time.time()
-            with trio.move_on_after(max(0.0, left)) as waited:
-                await self._expiry_changed.wait()
-            if not waited.cancelled_caught:  # refreshed: watch the new expiry
-                self._expiry_changed = trio.Event()
-                continue
-            self.close(errors.CLOSE_UNAUTHORIZED, "token expired", cause="token_expired")
-            return
+        left = self.identity.expires_at + grace - time.time()
+        self._expires_at = trio.current_time() + max(0.0, left)
 
     # -- outgoing -----------------------------------------------------------------
 
-    async def put(self, event: Event) -> None:
-        """Queue an event for the writer. Never blocks longer than the
-        slow-consumer timeout; after a close, events are dropped."""
-        if self.ws.closed and self.close_code is None:
+    def send(self, event: Event) -> None:
+        """Queue an event for the client. Never blocks; after a close, or
+        once the transport can send nothing more, events are dropped."""
+        if self.transport.send_closed:
             return
-        try:
-            self._send.send_nowait(event)
+        pending = self._pending
+        if self.transport.backlogged:
+            if self._coalesce(event):
+                return
+            if len(pending) >= self.hub.config.outbox_size:
+                self.hub.metrics.outbox_full.inc()
+                self.slow_consumer()
+                return
+        pending.append(event)
+        if not self._dirty:
+            self._dirty = True
+            self.hub.flusher.mark(self)
+
+    def _coalesce(self, event: Event) -> bool:
+        """While behind: a text_delta joins its run's last pending one when no
+        other event of that run came between. True when it was merged."""
+        merge = self._merge
+        run_id = getattr(event, "run_id", None)
+        if run_id is None:
+            return False
+        if type(event) is not TextDelta:
+            merge.pop(run_id, None)
+            return False
+        at = merge.get(run_id)
+        if at is None:
+            merge[run_id] = len(self._pending)
+            return False
+        previous = self._pending[at]
+        self._pending[at] = attrs.evolve(previous, delta=previous.delta + event.delta)  # type: ignore[union-attr]
+        self.hub.metrics.deltas_merged.inc()
+        return True
+
+    def _drained(self) -> None:
+        if self._pending and not self._dirty:
+            self._dirty = True
+            self.hub.flusher.mark(self)
+
+    def flush(self) -> None:
+        """Encode what is pending and hand it to the transport in one write."""
+        self._dirty = False
+        if not self._pending or self.transport.backlogged:
             return
-        except trio.WouldBlock:
-            self.hub.metrics.outbox_full.inc()
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            return
-        with trio.move_on_after(self.hub.config.slow_consumer_timeout_s):
-            try:
-                await self._send.send(event)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                pass
-            return
-        self.slow_consumer()
+        events, self._pending = self._pending, []
+        self._merge.clear()
+        ts = int(time.time() * 1000)
+        owned = self._owned
+        seq = self.seq
+        payloads = []
+        for item in events:
+            run_id = getattr(item, "run_id", None)
+            if run_id is not None and isinstance(item, RunEvent):
+                if run_id not in owned:
+                    self.hub.metrics.isolation_violations.inc()
+                    log.error("dropped an event of a run this connection does not own")
+                    continue
+                if item.type in TERMINAL:
+                    owned.discard(run_id)
+            seq += 1
+            payloads.append(encode_event(item, seq=seq, ts=ts))
+        self.seq = seq
+        if payloads:
+            self.transport.send(payloads)
 
     def slow_consumer(self) -> None:
         """The client does not read its events: close 4430 (the socket is cut
@@ -209,7 +243,7 @@ class Session:
         if self.closing:
             return
         ids = {"connection_id": self.connection_id, "user_id": self.identity.user_id}
-        if self.bucket.abuse_now() >= 1.0:
+        if self.bucket.refusals > 0:
             log.info("flooding and not reading", extra=ids)
             self._close_flooding()
             return
@@ -220,109 +254,97 @@ class Session:
     def _close_flooding(self) -> None:
         self.close(errors.CLOSE_TOO_MANY, "message rate exceeded", cause="rate_limited")
 
-    async def emit(self, run: Run, event: RunEvent) -> None:
+    def emit(self, run: Run, event: RunEvent) -> None:
         """Queue an event of ``run``, keeping the run's event rules: nothing
         after the terminal event, and agent_started before anything else."""
-        if run.finished:
+        if run.terminal is not None:
             return
         if not run.announced:
             run.announced = True
             self.hub.metrics.time_to_first_event.observe(trio.current_time() - run.received_at)
-        if event.type in TERMINAL:
+        kind = event.type
+        if kind in TERMINAL:
             # every run has the same shape, even one that ended before its
             # model said anything (or before it left the queue)
             if not run.started:
-                await self.emit(run, _started_for(run))
+                self.emit(run, _started_for(run))
             if not run.thought:
-                await self.emit(run, AgentThinking(
+                self.emit(run, AgentThinking(
                     run_id=run.id, thread_id=run.thread_id, agent=run.agent.name, text="", step=1
                 ))
-            run.terminal = event.type
-        elif event.type == "agent_started":
+            run.terminal = kind
+        elif kind == "agent_started":
             run.started = True
-        elif event.type == "agent_thinking":
+        elif kind == "agent_thinking":
             run.thought = True
-        await self.put(event)
-
-    async def _writer(self) -> None:
-        """The only task that writes to the socket."""
-        try:
-            async for event in self._recv:
-                batch = [event]  # whatever else is already queued goes in the same write
-                while len(batch) < _MAX_BATCH:
-                    try:
-                        batch.append(self._recv.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                ts = int(time.time() * 1000)
-                texts = []
-                for item in batch:
-                    if isinstance(item, RunEvent):
-                        if item.run_id not in self._owned:
-                            self.hub.metrics.isolation_violations.inc()
-                            log.error("dropped an event of a run this connection does not own")
-                            continue
-                        if item.type in TERMINAL:
-                            self._owned.discard(item.run_id)
-                    self.seq += 1
-                    texts.append(encode_event(item, seq=self.seq, ts=ts))
-                if texts:
-                    self.send_since = trio.current_time()  # watched by the slow-consumer sweep
-                    await self.ws.send_texts(texts)
-                    self.send_since = None
-        finally:
-            self._writer_done.set()
+        self.send(event)
 
     # -- incoming -----------------------------------------------------------------
 
     async def _receive_loop(self) -> None:
+        """Read client messages until the peer closes or is gone. After this
+        side starts closing, frames are read and dropped until the peer's
+        close frame (the close handshake), so its socket never fills up."""
         c = self.hub.config
-        while not self.closing:
-            frame = await self.ws.receive()
-            if frame is None:
-                self.close(None, cause="disconnect")
-                return
-            if self.closing:
-                return
-            try:
-                message = parse_client_message(frame, max_bytes=c.max_message_bytes, max_text_chars=c.max_text_chars)
-            except NetraError as exc:
-                self.bad_frames += 1
-                self.hub.metrics.bad_frames.labels(exc.code).inc()
-                if self.bad_frames > c.max_bad_frames:
-                    self.close(errors.CLOSE_PROTOCOL_ABUSE, "too many bad frames", cause="protocol_abuse")
-                    return
-                await self.put(error_event(exc))
-                continue
-            if not self.bucket.take():
-                self.hub.metrics.bad_frames.labels("rate_limited").inc()
-                if self.bucket.abuse >= c.rate_abuse_limit:
-                    self._close_flooding()
-                    return
-                await self.put(Error(
-                    code="rate_limited", message="too many messages; slow down",
-                    ref=getattr(message, "id", None), retry_after_ms=self.bucket.retry_after_ms(),
-                ))
-                continue
-            try:
-                await self._dispatch(message)
-            except NetraError as exc:
-                await self.put(error_event(exc, ref=getattr(message, "id", None)))
+        transport = self.transport
+        try:
+            while True:
+                with trio.move_on_at(self._expires_at) as expiry:
+                    frame = await transport.receive()
+                if expiry.cancelled_caught:
+                    self._expires_at = math.inf
+                    self.close(errors.CLOSE_UNAUTHORIZED, "token expired", cause="token_expired")
+                    continue
+                if frame is None:
+                    break
+                if self.closing:
+                    continue
+                try:
+                    message = parse_client_message(
+                        frame, max_bytes=c.max_message_bytes, max_text_chars=c.max_text_chars
+                    )
+                except NetraError as exc:
+                    self.bad_frames += 1
+                    self.hub.metrics.bad_frames.labels(exc.code).inc()
+                    if self.bad_frames > c.max_bad_frames:
+                        self.close(errors.CLOSE_PROTOCOL_ABUSE, "too many bad frames", cause="protocol_abuse")
+                    else:
+                        self.send(error_event(exc))
+                    continue
+                if not self.bucket.take():
+                    self.hub.metrics.bad_frames.labels("rate_limited").inc()
+                    if self.bucket.refusals >= c.rate_abuse_limit:
+                        self._close_flooding()
+                    else:
+                        self.send(Error(
+                            code="rate_limited", message="too many messages; slow down",
+                            ref=getattr(message, "id", None), retry_after_ms=self.bucket.retry_after_ms(),
+                        ))
+                    continue
+                try:
+                    self._dispatch(message)
+                except NetraError as exc:
+                    self.send(error_event(exc, ref=getattr(message, "id", None)))
+        finally:
+            self._received_all.set()
+        if not self.closing:  # the peer closed, or went away
+            self.close(None, cause="disconnect")
+        await trio.sleep_forever()  # the close sequence cancels the nursery
 
-    async def _dispatch(self, message: Any) -> None:
+    def _dispatch(self, message: Any) -> None:
         match message:
             case Ping(id=ping_id):
-                await self.put(Pong(id=ping_id))
+                self.send(Pong(id=ping_id))
             case UserMessage():
                 self._start_run(message)
             case Cancel():
-                await self._cancel(message)
+                self._cancel(message)
             case Auth(token=token):
                 identity = self.hub.verifier.verify(token)  # Unauthorized -> error event
                 if identity.user_id != self.identity.user_id:
                     raise errors.Forbidden("a token for another user cannot be used on this connection")
                 self.identity = identity
-                self._expiry_changed.set()
+                self._watch_expiry()
 
     def _start_run(self, msg: UserMessage) -> None:
         hub, c, user = self.hub, self.hub.config, self.user
@@ -379,7 +401,7 @@ class Session:
         assert self._nursery is not None
         self._nursery.start_soon(execute, self, run)
 
-    async def _cancel(self, msg: Cancel) -> None:
+    def _cancel(self, msg: Cancel) -> None:
         # only this connection's runs: their agent_cancelled is the answer, and
         # it goes to the connection that started them
         if msg.run_id is not None:
@@ -457,7 +479,7 @@ class Session:
             m.model_first_event.observe(first)
 
     def queued_events(self) -> int:
-        return self._send.statistics().current_buffer_used
+        return len(self._pending)
 
     def limiter_name(self, limiter: trio.CapacityLimiter) -> str:
         if limiter is self.run_limiter:

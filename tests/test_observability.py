@@ -53,7 +53,7 @@ async def test_metrics_match_a_scripted_scenario():
             return got.get((name, tuple(sorted(labels.items()))), 0.0)
 
         assert value("netra_connections_opened_total") == 3
-        assert value("netra_connections_closed_total", code="client") == 3
+        assert value("netra_connections_closed_total", code="1000") == 3  # the peer's own close code
         assert value("netra_connections_open") == 0
         assert value("netra_runs_finished_total", outcome="completed", reason="") == 2
         assert value("netra_runs_finished_total", outcome="failed", reason="llm_error") == 1

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -69,7 +69,8 @@ class AgentLoop:
     #: What the model is told about ``tools`` (computed once per agent, not per turn).
     specs: tuple[ToolSpec, ...]
     limits: RunLimits
-    emit: Callable[[RunEvent], Awaitable[None]]
+    #: The run's event sink: queues an event for the client, never blocks.
+    emit: Callable[[RunEvent], None]
     model_limiter: trio.CapacityLimiter
     tool_limiters: Mapping[str, trio.CapacityLimiter]
     #: Observes each finished tool call (metrics); must not block.
@@ -148,7 +149,7 @@ class AgentLoop:
             raise LLMError(f"the model sent nothing for {timeout:g}s")
         if self._announced_step != step:  # at least one agent_thinking per step
             self._announced_step = step
-            await self.emit(self._thinking("", step))
+            self.emit(self._thinking("", step))
         return tuple(calls), "".join(turn_text)
 
     async def _handle(
@@ -158,12 +159,12 @@ class AgentLoop:
         match event:
             case Reasoning(text=text):
                 self._announced_step = step
-                await self.emit(self._thinking(text, step))
+                self.emit(self._thinking(text, step))
             case TextChunk(text=text) if text:
                 if self._announced_step != step:
                     self._announced_step = step
-                    await self.emit(self._thinking("", step))
-                await self._text(text)
+                    self.emit(self._thinking("", step))
+                self._text(text)
                 turn_text.append(text)
             case ToolCallRequest():
                 calls.append(event)
@@ -176,12 +177,12 @@ class AgentLoop:
             run_id=self.run_id, thread_id=self.thread_id, agent=self.agent.name, text=text, step=step
         )
 
-    async def _text(self, text: str) -> None:
+    def _text(self, text: str) -> None:
         self._output_bytes += len(text.encode())
         if self._output_bytes > self.limits.max_output_bytes:
             raise OutputTooLarge(f"the answer exceeded {self.limits.max_output_bytes} bytes")
         self.text_parts.append(text)
-        await self.emit(
+        self.emit(
             TextDelta(run_id=self.run_id, thread_id=self.thread_id, message_id=self.message_id, delta=text)
         )
 
@@ -198,7 +199,7 @@ class AgentLoop:
                 args = {"_raw": call.arguments[:1000]}
         except ValueError:
             args = {"_raw": call.arguments[:1000]}
-        await self.emit(
+        self.emit(
             ToolExecuting(
                 run_id=self.run_id, thread_id=self.thread_id, tool_call_id=call.id, tool=call.name, args=args
             )
@@ -224,13 +225,12 @@ class AgentLoop:
             record = self._record(call, args, None, "cancelled", started)
             self.tool_calls.append(record)
             self.on_tool_call(record, "cancelled")
-            with trio.CancelScope(shield=True), trio.move_on_after(self.limits.cancel_emit_timeout_s):
-                await self.emit(self._completed(call, record))
+            self.emit(self._completed(call, record))
             raise
         record = self._record(call, args, result, error, started)
         self.tool_calls.append(record)
         self.on_tool_call(record, outcome)
-        await self.emit(self._completed(call, record))
+        self.emit(self._completed(call, record))
         content = json.dumps({"error": error} if error is not None else result, default=str)
         results[call.id] = ChatMessage(role="tool", content=content, tool_call_id=call.id, name=call.name)
 

@@ -1,175 +1,135 @@
-"""The one module that touches a WebSocket: ASGI messages in and out.
+"""``/ws``: the opening handshake's rules, authentication and connection
+limits, then the connection is handed to a :class:`netra.session.Session`.
 
-netra serves ``/ws`` at the ASGI layer rather than through quart's websocket
-wrapper because quart-trio buffers incoming frames in an unbounded queue; here
-hypercorn's bounded app queue applies, so a client that floods is slowed down
-at its TCP window instead of growing the server's memory.
-
-Hypercorn's trio worker shields its socket writes, so no cancel scope can
-interrupt a send blocked on a client that stopped reading. :meth:`abort` is
-the way out: it closes the TCP socket under hypercorn, which wakes the blocked
-send with ``ClosedResourceError`` (trio's ``notify_closing``). The socket is
-found by following the ASGI ``send`` callable to the hypercorn connection that
-owns it; if a future hypercorn hides it, :attr:`abortable` is False and the
-slow-consumer test says so.
+Every refusal before the upgrade is an HTTP status with a JSON body
+(``{"code", "message"}``); after it, a close code (protocol section 7).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import Any
+import socket
+from urllib.parse import parse_qs, urlsplit
 
-import attrs
 import trio
-from hypercorn.protocol.events import Data
-from wsproto.events import TextMessage
-from wsproto.utilities import LocalProtocolError
+
+from .. import errors
+from ..auth import Identity, bearer_token
+from ..errors import NetraError, Unauthorized
+from ..hub import Hub
+from ..protocol import SUBPROTOCOL, Auth, parse_client_message
+from ..session import Session
+from ..transport import HandshakeError, Transport, WebSocketTransport
+from ..transport.handshake import accept_response, error_response, parse_upgrade
 
 log = logging.getLogger("netra.web")
 
 
-def _find_stream(send: Any) -> trio.SocketStream | None:
-    """Walk ``send`` -> WSStream.app_send -> protocol.send -> TCPServer.stream."""
-    obj: Any = send
-    for _ in range(6):
-        owner = getattr(obj, "__self__", None)
-        if owner is None:
-            return None
-        stream = getattr(owner, "stream", None)
-        if isinstance(stream, trio.SocketStream):
-            return stream
-        inner = getattr(stream, "transport_stream", None)  # TLS
-        if isinstance(inner, trio.SocketStream):
-            return inner
-        obj = getattr(owner, "send", None)
-    return None
+def origin_allowed(origin: str, host: str | None, allowed: tuple[str, ...]) -> bool:
+    """The server's own origin is always allowed; others only when listed."""
+    if "*" in allowed or origin in allowed:
+        return True
+    parts = urlsplit(origin)
+    return bool(host) and parts.netloc == host and parts.scheme in ("http", "https")
 
 
-def _find_ws_stream(send: Any) -> Any:
-    """hypercorn's WSStream behind the ASGI ``send``, when it has what a
-    batched write needs (its wsproto connection and its transport send)."""
-    owner = getattr(send, "__self__", None)
-    if all(hasattr(owner, name) for name in ("connection", "stream_id", "send", "closed")):
-        return owner
-    return None
+async def serve_upgrade(hub: Hub, sock: socket.socket, head: bytes, rest: bytes) -> None:
+    """One connection that asked for ``GET /ws``: check, upgrade, serve."""
+    c, m = hub.config, hub.metrics
+    try:
+        request = parse_upgrade(head)
+        origin = request.header(b"origin")
+        if origin is not None and not origin_allowed(origin, request.header(b"host"), c.allowed_origins):
+            raise HandshakeError(403, "forbidden", "origin not allowed")
+        if hub.draining:
+            raise HandshakeError(503, "busy", "server is shutting down")
+        if {"token", "access_token", "jwt"} & parse_qs(request.query).keys():
+            raise HandshakeError(
+                400, "bad_request",
+                "tokens are never accepted in the query string; use the Authorization header or an auth frame",
+            )
+        identity = None
+        token = bearer_token(request.headers)
+        if token is not None:
+            try:
+                identity = hub.verifier.verify(token)
+            except Unauthorized as exc:
+                log.info("upgrade refused: %s", exc.message, extra={"code": 401})
+                raise HandshakeError(401, exc.code, exc.message) from None
+    except HandshakeError as exc:
+        m.connections_refused.labels(str(exc.status)).inc()
+        await _send_all(sock, error_response(exc.status, exc.code, exc.message, headers=exc.headers), c.write_timeout_s)
+        return
+    subprotocol = SUBPROTOCOL if SUBPROTOCOL in request.subprotocols else None
+    if not await _send_all(sock, accept_response(request.key, subprotocol), c.write_timeout_s):
+        return
+    transport = WebSocketTransport(
+        sock,
+        max_message_bytes=c.max_message_bytes,
+        write_timeout_s=c.write_timeout_s,
+        heartbeat_interval_s=c.heartbeat_interval_s,
+        heartbeat_timeout_s=c.heartbeat_timeout_s,
+        buffered=rest,
+    )
+    try:
+        await serve_transport(hub, transport, identity)
+    finally:
+        await transport.aclose()
 
 
-@attrs.define(eq=False)
-class WebSocket:
-    scope: dict[str, Any]
-    _receive: Any
-    _send: Any
-    _stream: trio.SocketStream | None = attrs.field(init=False)
-    _ws_stream: Any = attrs.field(init=False)
-    closed: bool = attrs.field(init=False, default=False)  # nothing more may be sent
-    disconnected: bool = attrs.field(init=False, default=False)  # websocket.disconnect was received
-    #: Close code the peer sent, or 1006 when the connection just ended.
-    disconnect_code: int | None = attrs.field(init=False, default=None)
-
-    def __attrs_post_init__(self) -> None:
-        self._stream = _find_stream(self._send)
-        self._ws_stream = _find_ws_stream(self._send)
-
-    @property
-    def abortable(self) -> bool:
-        return self._stream is not None
-
-    def header(self, name: bytes) -> str | None:
-        for key, value in self.scope.get("headers", ()):
-            if key.lower() == name:
-                return value.decode("latin-1")
-        return None
-
-    @property
-    def subprotocols(self) -> list[str]:
-        return list(self.scope.get("subprotocols") or ())
-
-    async def wait_connect(self) -> bool:
-        message = await self._receive()
-        return message["type"] == "websocket.connect"
-
-    async def reject(self, status: int, body: dict[str, Any]) -> None:
-        """Refuse the upgrade with an HTTP response (before any frame)."""
-        data = json.dumps(body).encode()
-        await self._send(
-            {
-                "type": "websocket.http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
-            }
-        )
-        await self._send({"type": "websocket.http.response.body", "body": data})
-        self.closed = True
-
-    async def accept(self, subprotocol: str | None) -> None:
-        await self._send({"type": "websocket.accept", "subprotocol": subprotocol})
-
-    async def receive(self) -> str | bytes | None:
-        """The next frame's payload, or None once the peer is gone."""
-        if self.disconnected:
-            return None
-        message = await self._receive()
-        match message["type"]:
-            case "websocket.receive":
-                text = message.get("text")
-                return text if text is not None else (message.get("bytes") or b"")
-            case "websocket.disconnect":
-                self.closed = self.disconnected = True
-                self.disconnect_code = message.get("code", 1006)
-                return None
-            case _:
-                return None
-
-    async def finish(self, timeout_s: float) -> None:
-        """Read until ``websocket.disconnect`` before the app returns.
-
-        hypercorn delivers that message into the app's bounded queue even
-        after the app has finished; if frames nobody will read fill the queue,
-        the delivery blocks forever and strands the socket and its tasks. So
-        the app drains: first waiting for the peer to finish closing, then,
-        if it will not, cutting the socket and draining what was queued."""
-        with trio.move_on_after(timeout_s):
-            while await self.receive() is not None:
-                pass
-        if not self.disconnected:
-            self.abort()
-            with trio.move_on_after(timeout_s):
-                while await self.receive() is not None:
-                    pass
-
-    async def send_text(self, text: str) -> None:
-        if not self.closed:
-            await self._send({"type": "websocket.send", "text": text})
-
-    async def send_texts(self, texts: list[str]) -> None:
-        """Send several text frames in one write when hypercorn allows it:
-        hypercorn's own wsproto connection frames each message (so any
-        negotiated compression applies) and the frames go out in one
-        transport write, instead of one lock, shielded send and syscall each."""
-        stream = self._ws_stream
-        if len(texts) == 1 or stream is None:
-            for text in texts:
-                await self.send_text(text)
-            return
-        if self.closed or stream.closed:
+async def serve_transport(hub: Hub, transport: Transport, identity: Identity | None) -> None:
+    """An upgraded connection: authenticate (when the upgrade did not),
+    check the connection limits, and serve the session."""
+    c, m = hub.config, hub.metrics
+    if identity is None:
+        with trio.move_on_after(c.auth_timeout_s) as waited:
+            frame = await transport.receive()
+        if waited.cancelled_caught:
+            m.connections_closed.labels(str(errors.CLOSE_AUTH_TIMEOUT)).inc()
+            return await close_now(transport, errors.CLOSE_AUTH_TIMEOUT, "authentication timeout", c.close_timeout_s)
+        if frame is None:
             return
         try:
-            data = b"".join(stream.connection.send(TextMessage(data=text)) for text in texts)
-        except LocalProtocolError:  # the peer is closing: nothing more goes out
-            return
-        await stream.send(Data(stream_id=stream.stream_id, data=data))
+            message = parse_client_message(frame, max_bytes=c.max_message_bytes)
+            if not isinstance(message, Auth):
+                raise Unauthorized("authenticate first: send an auth frame")
+            identity = hub.verifier.verify(message.token)
+        except NetraError as exc:
+            log.info("authentication failed: %s", exc.message, extra={"code": errors.CLOSE_UNAUTHORIZED})
+            m.connections_closed.labels(str(errors.CLOSE_UNAUTHORIZED)).inc()
+            reason = exc.message if isinstance(exc, Unauthorized) else "authenticate first"
+            return await close_now(transport, errors.CLOSE_UNAUTHORIZED, reason, c.close_timeout_s)
+    user = hub.user(identity.user_id)
+    if len(hub.sessions) >= c.max_connections or len(user.connections) >= c.max_connections_per_user:
+        hub.forget_user_if_idle(user)
+        m.connections_closed.labels(str(errors.CLOSE_TOO_MANY)).inc()
+        return await close_now(transport, errors.CLOSE_TOO_MANY, "too many connections", c.close_timeout_s)
+    await Session(hub=hub, transport=transport, identity=identity, user=user).serve()
 
-    async def close(self, code: int, reason: str = "") -> None:
-        if not self.closed:
-            self.closed = True
-            await self._send({"type": "websocket.close", "code": code, "reason": reason[:120]})
 
-    def abort(self) -> None:
-        """Cut the TCP connection now, waking any send blocked on it."""
-        self.closed = True
-        if self._stream is not None:
-            try:
-                self._stream.socket.close()
-            except OSError:  # already gone
-                pass
+async def close_now(transport: Transport, code: int, reason: str, timeout_s: float) -> None:
+    """Close before any session exists: the close frame, then read until the
+    peer's close (or ``timeout_s``), then cut."""
+    transport.send_close(code, reason)
+    with trio.move_on_after(timeout_s):
+        while await transport.receive() is not None:
+            pass
+        return
+    transport.abort()
+
+
+async def _send_all(sock: socket.socket, data: bytes, timeout_s: float) -> bool:
+    """Write a handshake response (small: normally one send); False if the
+    client did not take it within ``timeout_s`` or is gone."""
+    view = memoryview(data)
+    with trio.move_on_after(timeout_s):
+        try:
+            while view:
+                try:
+                    view = view[sock.send(view):]
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
+            return True
+        except OSError:
+            return False
+    return False

@@ -1,0 +1,118 @@
+"""The HTTP side: hypercorn serving the quart app on connections the
+listener hands over, each under netra's write deadline.
+
+Hypercorn's trio connection handler (``hypercorn.trio.tcp_server.TCPServer``)
+takes any trio stream. netra gives it a :class:`DeadlineStream`: the socket,
+with the bytes the listener already read put back in front, and a deadline
+on every write. Hypercorn shields its writes from cancellation, so without
+it a client that stops reading (say, one pipelining requests without
+reading the responses) would hold the connection forever; a deadline inside
+the write still fires under that shield, and a write the client has not
+taken within ``write_timeout_s`` cuts the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+import trio
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+
+log = logging.getLogger("netra.web")
+
+_LINGER_RST = b"\x01\x00\x00\x00\x00\x00\x00\x00"
+
+
+class DeadlineStream(trio.abc.HalfCloseableStream):
+    """A socket stream that replays ``buffered`` first and bounds every write."""
+
+    def __init__(
+        self, sock: socket.socket, buffered: bytes, *, write_timeout_s: float, on_abort: Any = None
+    ) -> None:
+        self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        self._buffered = buffered
+        self._write_timeout_s = write_timeout_s
+        self._on_abort = on_abort
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        """Hypercorn reads the peer and local addresses from here."""
+        return self._stream.socket
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with trio.move_on_after(self._write_timeout_s):
+            await self._stream.send_all(data)
+            return
+        self.abort()
+        raise trio.BrokenResourceError("the client did not take a response within the write deadline")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._buffered:
+            data, self._buffered = self._buffered, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    def abort(self) -> None:
+        """Cut the connection (RST), waking its reader and writer."""
+        sock = self._stream.socket
+        if sock.fileno() == -1:
+            return
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        except OSError:
+            pass
+        sock.close()  # trio's close notifies every task waiting on it
+        if self._on_abort is not None:
+            self._on_abort()
+
+
+class HttpSide:
+    """The quart app behind hypercorn, for the connections the listener hands over."""
+
+    def __init__(self, app: Any, config: HypercornConfig, *, write_timeout_s: float, on_abort: Any = None) -> None:
+        self._app = ASGIWrapper(app)
+        self._config = config
+        self._context = WorkerContext(None)
+        self._state: dict[str, Any] = {}
+        self._write_timeout_s = write_timeout_s
+        self._on_abort = on_abort
+
+    async def run_lifespan(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The app's startup (before ``task_status.started``) and, when this
+        task is cancelled... its shutdown is :meth:`shutdown`."""
+        lifespan = Lifespan(self._app, self._config, self._state)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lifespan.handle_lifespan)
+            await lifespan.wait_for_startup()
+            self._lifespan = lifespan
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def shutdown(self) -> None:
+        await self._lifespan.wait_for_shutdown()
+
+    async def serve(self, sock: socket.socket, buffered: bytes) -> None:
+        stream = DeadlineStream(sock, buffered, write_timeout_s=self._write_timeout_s, on_abort=self._on_abort)
+        server = TCPServer(self._app, self._config, self._context, ConnectionState(self._state.copy()), stream)
+        await server.run()
+
+    async def terminate(self) -> None:
+        """Ask keep-alive connections to close after their current request."""
+        await self._context.terminated.set()

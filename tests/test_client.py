@@ -1,14 +1,26 @@
 """The Python client library's own promises (netra.client), through a real
-server: typed events, refusals as exceptions, cancel, ping, and a server
-close surfacing with its code."""
+server: typed events, refusals as exceptions, cancel, ping, a server close
+surfacing with its code, and every failure to connect as one of the
+client's own errors (never trio-websocket's or a bare OSError)."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import trio
+import trio_websocket
 
 from netra import protocol
-from netra.client import ConnectionClosed, RunRefused, connect
+from netra.client import (
+    ClientError,
+    ConnectionClosed,
+    ConnectionRefused,
+    ProtocolError,
+    RunRefused,
+    ServerUnreachable,
+    connect,
+)
 from netra.testing import config_for_tests, open_server, token_for
 
 CALC = 'what is [[tool:calculator {"expression": "6*7"}]]'
@@ -239,3 +251,119 @@ async def test_run_after_the_server_closed_raises_the_clients_connection_closed(
             with pytest.raises(ConnectionClosed) as closed:
                 await conn.collect("hello?")
             assert closed.value.code == 4400
+
+
+# -- failing to connect: the client's own errors, with the server's answer ---------
+
+
+def assert_own(exc: BaseException) -> None:
+    """One of the client's errors, hiding the transport's internals."""
+    assert isinstance(exc, ClientError)
+    assert not isinstance(exc, trio_websocket.HandshakeError | trio_websocket.ConnectionClosed | OSError)
+    assert exc.__cause__ is None and exc.__suppress_context__
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status", "code"),
+    [
+        pytest.param("/ws", [], 401, "unauthorized", id="bad-header-token"),
+        pytest.param("/ws", [("Origin", "https://evil.example")], 403, "forbidden", id="origin"),
+        pytest.param("/ws?token=abc", [], 400, "bad_request", id="token-in-query"),
+    ],
+)
+async def test_a_refused_upgrade_raises_connection_refused_with_the_servers_code(server, path, headers, status, code):
+    token = "not-a-jwt" if status == 401 else token_for(server, "kai")
+    url = server.ws_url.removesuffix("/ws") + path
+    with trio.fail_after(10):
+        with pytest.raises(ConnectionRefused) as refused:
+            async with connect(url, token, extra_headers=headers):
+                pass
+    assert_own(refused.value)
+    assert (refused.value.status, refused.value.code) == (status, code)
+    assert refused.value.message  # the server's explanation, e.g. "invalid token"
+    assert str(refused.value).startswith(f"{status} {code}: ")
+
+
+async def test_nothing_listening_raises_server_unreachable():
+    with trio.socket.socket() as sock:  # a port that was free a moment ago
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"ws://127.0.0.1:{port}/ws"
+    with trio.fail_after(10):
+        with pytest.raises(ServerUnreachable) as unreachable:
+            async with connect(url, "any"):
+                pass
+    assert_own(unreachable.value)
+    assert unreachable.value.url == url
+    assert unreachable.value.detail == "connection refused"
+
+
+async def test_a_server_that_never_answers_raises_server_unreachable_after_the_timeout():
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(functools.partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        with trio.fail_after(10):
+            with pytest.raises(ServerUnreachable) as unreachable:
+                async with connect(f"ws://127.0.0.1:{port}/ws", "any", connect_timeout=0.3):
+                    pass
+        nursery.cancel_scope.cancel()
+    assert_own(unreachable.value)
+    assert unreachable.value.detail == "no answer within 0.3 s"
+
+
+@pytest.mark.parametrize(
+    ("first_frame", "expected"),
+    [
+        pytest.param("this is not JSON", "not a protocol v1 event", id="not-json"),
+        pytest.param('["connected"]', "not a protocol v1 event", id="not-an-object"),
+        pytest.param('{"type": "pong", "seq": 1, "ts": 0, "id": "x"}', "expected 'connected'", id="not-connected"),
+    ],
+)
+async def test_a_server_that_is_not_netra_raises_protocol_error(first_frame, expected):
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.send_message(first_frame)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        ws_server = await nursery.start(functools.partial(trio_websocket.serve_websocket, handler, "127.0.0.1", 0, ssl_context=None))
+        with trio.fail_after(10):
+            with pytest.raises(ProtocolError, match=expected) as wrong:
+                async with connect(f"ws://127.0.0.1:{ws_server.port}/ws", "any"):
+                    pass
+        nursery.cancel_scope.cancel()
+    assert_own(wrong.value)
+
+
+async def test_a_bad_frame_token_raises_connection_closed_with_the_close_reason(server):
+    with trio.fail_after(10):
+        with pytest.raises(ConnectionClosed) as closed:
+            async with connect(server.ws_url, token_for(server, "lou", ttl_s=-120), auth="frame"):
+                pass
+    assert_own(closed.value)
+    assert closed.value.code == 4401 and closed.value.reason == "token expired"
+
+
+async def test_errors_inside_the_block_are_the_callers_own(server):
+    """Only the handshake is translated: an OSError or a timeout of the
+    caller's own code inside the block reaches the caller unchanged."""
+    with trio.fail_after(10):
+        with pytest.raises(FileNotFoundError):
+            async with connect(server.ws_url, token_for(server, "max")):
+                open("/nonexistent/netra/file")  # noqa: SIM115
+        with pytest.raises(trio.TooSlowError):
+            async with connect(server.ws_url, token_for(server, "max")):
+                with trio.fail_after(0.01):
+                    await trio.sleep_forever()
+
+
+def test_every_client_error_is_exported():
+    import netra.client
+    from netra.client import _errors
+
+    family = {name for name, value in vars(_errors).items() if isinstance(value, type) and issubclass(value, ClientError)}
+    assert family == {"ClientError", "ServerUnreachable", "ConnectionRefused", "ConnectionClosed", "RunRefused", "ProtocolError"}
+    assert all(getattr(netra.client, name) is getattr(_errors, name) for name in family)

@@ -200,3 +200,16 @@ async def test_refused_token_exits_1_with_the_reason():
             )
     assert done.returncode == 1
     assert "netra chat: the server refused the connection: 401 unauthorized" in done.stderr.decode()
+
+
+async def test_an_unreachable_server_exits_1_with_one_line():
+    with trio.socket.socket() as sock:  # a port that was free a moment ago
+        await sock.bind(("127.0.0.1", 0))
+        url = f"ws://127.0.0.1:{sock.getsockname()[1]}/ws"
+    with trio.fail_after(SCRIPT_S):
+        done = await trio.run_process(
+            [sys.executable, "-m", "netra", "chat", "--url", url, "--token", "x"],
+            capture_stdout=True, capture_stderr=True, check=False, env=child_env(), cwd=str(ROOT), stdin=b"",
+        )
+    assert done.returncode == 1
+    assert done.stderr.decode() == f"netra chat: could not connect to {url}: connection refused\n"

@@ -1,9 +1,20 @@
-"""netra's Python client library (see :func:`connect`)."""
+"""netra's Python client library (see :func:`connect`).
+
+Everything it raises is a :class:`ClientError`: :class:`ServerUnreachable`,
+:class:`ConnectionRefused`, :class:`ConnectionClosed`, :class:`RunRefused`
+or :class:`ProtocolError` (see ``netra/client/_errors.py``).
+"""
 
 from ._connection import (
-    ClientError as ClientError,
     Connection as Connection,
-    ConnectionClosed as ConnectionClosed,
-    RunRefused as RunRefused,
+    RunStream as RunStream,
     connect as connect,
+)
+from ._errors import (
+    ClientError as ClientError,
+    ConnectionClosed as ConnectionClosed,
+    ConnectionRefused as ConnectionRefused,
+    ProtocolError as ProtocolError,
+    RunRefused as RunRefused,
+    ServerUnreachable as ServerUnreachable,
 )

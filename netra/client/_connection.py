@@ -8,13 +8,16 @@
 
 One reader task per connection receives every frame, checks ``seq``, and
 routes run events to the ``run`` call that started them (matched first by
-the message ``id`` echoed as ``ref``, then by ``run_id``).
+the message ``id`` echoed as ``ref``, then by ``run_id``). Everything this
+module raises is one of :mod:`netra.client._errors`; the transport's own
+exceptions are translated where the transport is called.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,29 +28,13 @@ import trio
 import trio_websocket
 
 from ..protocol import SUBPROTOCOL, TERMINAL, Received, decode_event
-
-
-class ClientError(Exception):
-    """Base of the client's errors."""
-
-
-class RunRefused(ClientError):
-    """The server answered the message with an ``error``: no run started."""
-
-    def __init__(self, code: str, message: str, raw: dict[str, Any]) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.raw = raw
-
-
-class ConnectionClosed(ClientError):
-    """The connection ended; ``code`` is the WebSocket close code."""
-
-    def __init__(self, code: int | None, reason: str | None) -> None:
-        super().__init__(f"connection closed ({code}: {reason})")
-        self.code = code
-        self.reason = reason
+from ._errors import (
+    ConnectionClosed,
+    ConnectionRefused,
+    ProtocolError,
+    RunRefused,
+    ServerUnreachable,
+)
 
 
 @attrs.define(eq=False)
@@ -120,9 +107,9 @@ class Connection:
     async def _reader(self) -> None:
         try:
             while True:
-                received = decode_event(await self.ws.get_message())
+                received = _decode(await self.ws.get_message())
                 if received.seq != self.last_seq + 1:
-                    raise ClientError(f"seq gap: {self.last_seq} then {received.seq}")
+                    raise ProtocolError(f"seq gap: {self.last_seq} then {received.seq}")
                 self.last_seq = received.seq
                 if self.received is not None:
                     self.received.append(received)
@@ -218,25 +205,32 @@ async def connect(
     extra_headers: list[tuple[str, str]] | None = None,
 ) -> AsyncIterator[Connection]:
     """Open an authenticated connection (token in the ``Authorization`` header,
-    or with ``auth="frame"`` in a first ``auth`` frame, as browsers do)."""
+    or with ``auth="frame"`` in a first ``auth`` frame, as browsers do).
+
+    Raises :class:`ServerUnreachable` when no WebSocket can be opened within
+    ``connect_timeout``, :class:`ConnectionRefused` when the server refuses
+    the upgrade (a bad header token: status 401, code ``unauthorized``), and
+    :class:`ConnectionClosed` when it closes before ``connected`` (a bad
+    frame token: code 4401)."""
+    if auth not in ("header", "frame"):
+        raise ValueError(f"auth must be 'header' or 'frame', not {auth!r}")
     headers = list(extra_headers or [])
     if auth == "header":
         headers.append(("Authorization", f"Bearer {token}"))
+    handshaking = True
     try:
         async with trio.open_nursery() as nursery:
             with trio.fail_after(connect_timeout):
-                try:
-                    ws = await trio_websocket.connect_websocket_url(
-                        nursery, url, subprotocols=[SUBPROTOCOL], extra_headers=headers
-                    )
-                    if auth == "frame":
-                        await ws.send_message(json.dumps({"type": "auth", "token": token}))
-                    first = decode_event(await ws.get_message())
-                except trio_websocket.ConnectionClosed as exc:
-                    raise ConnectionClosed(exc.reason.code, exc.reason.reason) from None
+                ws = await trio_websocket.connect_websocket_url(
+                    nursery, url, subprotocols=[SUBPROTOCOL], extra_headers=headers
+                )
+                if auth == "frame":
+                    await ws.send_message(json.dumps({"type": "auth", "token": token}))
+                first = _decode(await ws.get_message())
             if first.type != "connected":
                 await ws.aclose()
-                raise ClientError(f"expected 'connected', got {first.type!r}")
+                raise ProtocolError(f"expected 'connected', got {first.type!r}")
+            handshaking = False
             conn = Connection(ws=ws, connected=first.raw, received=[first] if record else None)
             nursery.start_soon(conn._reader)
             try:
@@ -245,7 +239,48 @@ async def connect(
                 await ws.aclose()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        raise _single(group) from None
+        leaf = _single(group)
+        raise (_translate(leaf, url, connect_timeout) if handshaking else leaf) from None
+
+
+def _translate(exc: BaseException, url: str, timeout: float) -> BaseException:
+    """A failure of the handshake (trio-websocket's, the socket layer's, or
+    the connect timeout) as the client's own error. Only for the handshake:
+    an OSError or TooSlowError of the caller's own code is none of ours."""
+    match exc:
+        case trio_websocket.ConnectionRejected():
+            return ConnectionRefused.from_response(exc.status_code, exc.body)
+        case trio_websocket.ConnectionClosed():
+            reason = exc.reason
+            return ConnectionClosed(reason.code if reason else None, reason.reason if reason else None)
+        case trio.TooSlowError():
+            return ServerUnreachable(url, f"no answer within {timeout:g} s")
+        case OSError() | trio_websocket.HandshakeError():
+            return ServerUnreachable(url, _describe(exc))
+    return exc
+
+
+def _decode(message: str | bytes) -> Received:
+    try:
+        received = decode_event(message)
+    except Exception as exc:  # json, attribute and type errors of a frame that is no event
+        raise ProtocolError(f"the server sent a frame that is not a protocol v1 event ({type(exc).__name__})") from None
+    if not isinstance(received.seq, int):
+        raise ProtocolError("the server sent an event without an integer seq")
+    return received
+
+
+def _describe(exc: BaseException) -> str:
+    """What went wrong, in a few words: "connection refused". (trio's "all
+    attempts to connect failed" keeps each attempt's error in its cause.)"""
+    attempts = exc.__cause__
+    if isinstance(exc, OSError) and exc.errno is None and isinstance(attempts, BaseExceptionGroup):
+        exc = next((e for e in attempts.exceptions if isinstance(e, OSError) and e.errno is not None), exc)
+    if isinstance(exc, OSError) and exc.errno is not None:
+        text = os.strerror(exc.errno) if isinstance(exc.errno, int) and exc.errno > 0 else exc.strerror or ""
+        if text:
+            return text[:1].lower() + text[1:]
+    return str(exc) or type(exc).__name__
 
 
 def _single(group: BaseExceptionGroup) -> BaseException:
@@ -262,4 +297,6 @@ def _single(group: BaseExceptionGroup) -> BaseException:
             leaves.append(exc)
 
     flatten(rest if rest is not None else group)
+    if len(leaves) > 1:  # e.g. the handshake's own error and its reader task's
+        leaves = [exc for exc in leaves if not isinstance(exc, trio_websocket.ConnectionClosed)] or leaves
     return leaves[0] if len(leaves) == 1 else group

@@ -27,10 +27,10 @@ from typing import Any, TextIO
 
 import attrs
 import trio
-import trio_websocket
 
 from ..protocol import Received
-from ._connection import ClientError, Connection, ConnectionClosed, RunRefused, connect
+from ._connection import Connection, connect
+from ._errors import ClientError, ConnectionClosed, ConnectionRefused, RunRefused, ServerUnreachable
 
 NO_TOKEN = """\
 netra chat: no token. Pass --token TOKEN or set NETRA_TOKEN.
@@ -81,12 +81,12 @@ async def _chat(url: str, token: str, agent: str | None, out: Output) -> int:
         except Exception as exc:  # a nursery's group, should one still reach here
             problem = _leaf(exc)
             match problem:
-                case trio_websocket.ConnectionRejected():
-                    text = f"the server refused the connection: {_rejection(problem)}"
+                case ConnectionRefused():
+                    text = f"the server refused the connection: {problem}"
                 case ConnectionClosed():
                     text = close_text(problem.code, problem.reason)
-                case OSError() | trio_websocket.HandshakeError() | trio.TooSlowError():
-                    text = f"could not connect to {url}: {problem or type(problem).__name__}"
+                case ServerUnreachable():
+                    text = f"could not connect to {url}: {problem.detail}"
                 case ClientError():
                     text = f"protocol error: {problem}"
                 case _:
@@ -99,14 +99,6 @@ def _leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
-
-
-def _rejection(exc: trio_websocket.ConnectionRejected) -> str:
-    try:
-        body = json.loads(exc.body or b"{}")
-        return f"{exc.status_code} {body.get('code', '')}: {body.get('message', '')}"
-    except ValueError:
-        return f"HTTP {exc.status_code}"
 
 
 _TRANSIENT = frozenset({"run_queued", "agent_started", "agent_thinking", "tool_executing"})
@@ -178,10 +170,8 @@ class Chat:
                 self._show(received, state)
         except RunRefused as exc:
             self.out.error(f"refused ({exc.code}): {exc.message}")
-        except ConnectionClosed as exc:
+        except ConnectionClosed as exc:  # also: closed before the message could be sent
             self._report_close(exc)
-        except trio_websocket.ConnectionClosed:  # closed before the message could be sent
-            self._report_close(await self.conn.wait_closed())
         finally:
             self.run = None
 
@@ -236,7 +226,7 @@ class Chat:
             if state.run_id is not None:
                 try:
                     await self.conn.cancel(run_id=state.run_id)
-                except trio_websocket.ConnectionClosed:
+                except ConnectionClosed:
                     pass  # the close watcher reports it
 
     async def _watch_close(self) -> None:

@@ -2,16 +2,21 @@
 
 pyjwt does the cryptography; this module decides policy: an algorithm
 allow-list (``alg: none`` and algorithm confusion are refused by construction),
-required ``exp`` and ``sub``, optional ``aud``/``iss``, a small leeway. Every
-pyjwt exception is translated into :class:`netra.errors.Unauthorized` here, at
-the edge; the token itself is never logged or echoed back.
+required ``exp`` and ``sub``, optional ``aud``/``iss``, a small leeway, and
+the type and range of every registered claim (a validly signed token is
+still input from outside: ``"exp": 1e400`` must be refused, not crash the
+server). Every exception raised while verifying, pyjwt's or any other, is
+translated into :class:`netra.errors.Unauthorized` here, at the edge; the
+token itself is never logged or echoed back.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import attrs
 import jwt
@@ -22,6 +27,12 @@ from .errors import Unauthorized
 _SYMMETRIC = frozenset({"HS256", "HS384", "HS512"})
 _ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "EdDSA"})
 _MAX_TOKEN_CHARS = 8192
+_MAX_SUB_CHARS = 256
+#: The last second of year 9999: NumericDate claims past it are refused, so
+#: every accepted date is a finite float the rest of the server can use.
+MAX_NUMERIC_DATE = 253402300799
+
+log = logging.getLogger("netra.auth")
 
 
 @attrs.frozen(kw_only=True)
@@ -66,37 +77,77 @@ class TokenVerifier:
         )
 
     def verify(self, token: str) -> Identity:
-        if not token or len(token) > _MAX_TOKEN_CHARS:
-            raise Unauthorized("invalid token")
+        """The identity a token proves, or :class:`Unauthorized`: never any
+        other exception, whatever the token holds."""
         try:
-            header = jwt.get_unverified_header(token)
-            alg = header.get("alg")
-            if alg not in self.algorithms:
-                raise Unauthorized("token algorithm not allowed")
-            key = self.secret if alg in _SYMMETRIC else self.public_key
-            claims = jwt.decode(
-                token,
-                key=key,
-                algorithms=[alg],
-                audience=self.audience,
-                issuer=self.issuer,
-                leeway=self.leeway_s,
-                options={"require": ["exp", "sub"], "verify_aud": self.audience is not None},
-            )
+            return self._verify(token)
+        except Unauthorized:
+            raise
         except jwt.ExpiredSignatureError:
             raise Unauthorized("token expired") from None
+        except jwt.ImmatureSignatureError:
+            raise Unauthorized("token not yet valid") from None
         except jwt.InvalidAudienceError:
             raise Unauthorized("token audience not accepted") from None
         except jwt.InvalidIssuerError:
             raise Unauthorized("token issuer not accepted") from None
         except jwt.MissingRequiredClaimError as exc:
             raise Unauthorized(f"token lacks the '{exc.claim}' claim") from None
-        except (jwt.PyJWTError, ValueError, TypeError):
+        except Exception as exc:  # the edge: pyjwt, json, base64, crypto, numbers
+            log.debug("token refused: %s", type(exc).__name__)
             raise Unauthorized("invalid token") from None
-        sub = claims.get("sub")
-        if not isinstance(sub, str) or not sub or len(sub) > 256:
-            raise Unauthorized("token 'sub' must be a non-empty string")
-        return Identity(user_id=sub, expires_at=float(claims["exp"]))
+
+    def _verify(self, token: str) -> Identity:
+        if not isinstance(token, str) or not token or len(token) > _MAX_TOKEN_CHARS:
+            raise Unauthorized("invalid token")
+        header = jwt.get_unverified_header(token)
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self.algorithms:
+            raise Unauthorized("token algorithm not allowed")
+        key = self.secret if alg in _SYMMETRIC else self.public_key
+        claims = jwt.decode(
+            token,
+            key=key,
+            algorithms=[alg],
+            audience=self.audience,
+            issuer=self.issuer,
+            leeway=self.leeway_s,
+            options={"require": ["exp", "sub"], "verify_aud": self.audience is not None},
+        )
+        return Identity(user_id=_subject(claims), expires_at=_registered_dates(claims))
+
+
+def _subject(claims: dict[str, Any]) -> str:
+    """``sub`` is the user id; ``iss`` and ``aud``, when present, must have
+    the types RFC 7519 gives them even when the server does not check them."""
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub or len(sub) > _MAX_SUB_CHARS:
+        raise Unauthorized(f"token 'sub' must be a non-empty string of at most {_MAX_SUB_CHARS} characters")
+    if "iss" in claims and not isinstance(claims["iss"], str):
+        raise Unauthorized("token 'iss' must be a string")
+    aud = claims.get("aud")
+    if "aud" in claims and not (
+        isinstance(aud, str) or (isinstance(aud, list) and all(isinstance(a, str) for a in aud))
+    ):
+        raise Unauthorized("token 'aud' must be a string or a list of strings")
+    return sub
+
+
+def _registered_dates(claims: dict[str, Any]) -> float:
+    """``exp`` (and ``nbf``/``iat`` when present) as seconds since the epoch:
+    a number, not a bool or a string, between 0 and the end of year 9999.
+    Returns ``exp``."""
+    for name in ("exp", "nbf", "iat"):
+        if name not in claims:
+            continue
+        value = claims[name]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not 0 <= value <= MAX_NUMERIC_DATE  # also refuses NaN
+        ):
+            raise Unauthorized(f"token '{name}' must be a date in seconds since the epoch")
+    return float(claims["exp"])
 
 
 def mint_token(secret: str, user_id: str, *, ttl_s: float = 3600.0, **claims: object) -> str:
@@ -115,3 +166,4 @@ def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
                 return token.strip()
             return ""  # present but not a bearer token: refused, not ignored
     return None
+

@@ -14,7 +14,7 @@ help:
 	@echo "make run     - install (first time) and start netra on http://$(HOST):$(PORT)"
 	@echo "make test    - install (first time) and run the whole test suite"
 	@echo "make bench   - run the benchmarks (see bench/README.md)"
-	@echo "make chat    - terminal chat against a running server (TOKEN=...)"
+	@echo "make chat    - terminal chat against a running server (TOKEN=..., or a development token for NAME=alice)"
 	@echo "make clean   - remove the virtual environment and local data"
 
 $(STAMP): pyproject.toml
@@ -44,8 +44,13 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(PY) -m bench
 
+# Without TOKEN, a token for NAME signed like `netra token` signs it (the
+# development secret `make run` keeps in ./data, or NETRA_JWT_SECRET).
+NAME    ?= alice
 chat: $(STAMP)
-	$(VENV)/bin/netra chat --url ws://$(HOST):$(PORT)/ws --token "$(TOKEN)"
+	@token="$(TOKEN)"; \
+	if [ -z "$$token" ]; then token=$$($(VENV)/bin/netra token --user "$(NAME)") || exit 2; fi; \
+	$(VENV)/bin/netra chat --url ws://$(HOST):$(PORT)/ws --token "$$token"
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

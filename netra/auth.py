@@ -8,13 +8,23 @@ still input from outside: ``"exp": 1e400`` must be refused, not crash the
 server). Every exception raised while verifying, pyjwt's or any other, is
 translated into :class:`netra.errors.Unauthorized` here, at the edge; the
 token itself is never logged or echoed back.
+
+Development mode keeps its HS256 secret in ``NETRA_DATA_DIR/dev-secret``
+(mode 0600, created once and reused), so ``netra token`` and the README's
+example can mint tokens for a server started on the defaults, and tokens
+survive a restart.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
+import os
+import secrets
+import stat
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +41,7 @@ _MAX_SUB_CHARS = 256
 #: The last second of year 9999: NumericDate claims past it are refused, so
 #: every accepted date is a finite float the rest of the server can use.
 MAX_NUMERIC_DATE = 253402300799
+DEV_SECRET_FILE = "dev-secret"
 
 log = logging.getLogger("netra.auth")
 
@@ -167,3 +178,100 @@ def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
             return ""  # present but not a bearer token: refused, not ignored
     return None
 
+
+# -- development mode ------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is only reachable from this machine (127.0.0.0/8,
+    ::1, localhost). Anything else, a name included, may face a network."""
+    host = host.strip().removeprefix("[").removesuffix("]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def dev_secret_path(data_dir: str | os.PathLike[str]) -> Path:
+    return Path(data_dir) / DEV_SECRET_FILE
+
+
+def read_dev_secret(data_dir: str | os.PathLike[str]) -> str | None:
+    """The development secret kept in ``data_dir``, or None when there is
+    none yet. Refuses (ValueError) a file other users may read, or an empty one."""
+    path = dev_secret_path(data_dir)
+    try:
+        with path.open("r", encoding="ascii") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            secret = f.read().strip()
+    except FileNotFoundError:
+        return None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ValueError(f"{path} may be read by other users: chmod 600 it, or delete it to get a new one")
+    if len(secret) < 32:
+        raise ValueError(f"{path} does not hold a secret: delete it to get a new one")
+    return secret
+
+
+def dev_secret(data_dir: str | os.PathLike[str]) -> tuple[str, bool]:
+    """The development secret of ``data_dir``, created (mode 0600) on first
+    use and reused after; and whether it was created now. Two servers
+    starting at once agree on one secret: the file appears whole or not at
+    all (written aside, then hard-linked into place)."""
+    existing = read_dev_secret(data_dir)
+    if existing is not None:
+        return existing, False
+    path = dev_secret_path(data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".{DEV_SECRET_FILE}.{secrets.token_hex(8)}")
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+        try:
+            os.link(scratch, path)
+            created = True
+        except FileExistsError:
+            created = False  # another process got there first: use its secret
+    finally:
+        scratch.unlink(missing_ok=True)
+    secret = read_dev_secret(data_dir)
+    assert secret is not None
+    return secret, created
+
+
+def signing_secret(config: Config) -> tuple[str, str]:
+    """The HS256 key a local server started with ``config`` accepts, and
+    where it came from: ``NETRA_JWT_SECRET``, else the development secret
+    in ``NETRA_DATA_DIR``. ValueError when there is neither."""
+    if config.jwt_secret:
+        return config.jwt_secret, "NETRA_JWT_SECRET"
+    secret = read_dev_secret(config.data_dir)
+    if secret is None:
+        raise ValueError(
+            f"no key: set NETRA_JWT_SECRET (the server's HS256 key), or start `netra serve` once "
+            f"without it so that it keeps a development secret in {dev_secret_path(config.data_dir)}"
+        )
+    return secret, f"the development secret in {dev_secret_path(config.data_dir)}"
+
+
+def dev_token(
+    user_id: str,
+    *,
+    ttl_s: float = 3600.0,
+    config: Config | None = None,
+    environ: Mapping[str, str] | None = None,
+    secret: str | None = None,
+) -> str:
+    """A token that a server started here, on the same settings, accepts:
+    what ``netra token --user ID`` prints. Signed with ``NETRA_JWT_SECRET``,
+    else with the development secret that ``netra serve`` keeps in
+    ``NETRA_DATA_DIR`` (``secret`` when the caller already has it); carries
+    ``aud``/``iss`` when those are configured. ValueError when there is no key."""
+    config = config or Config.load(environ=environ)
+    if secret is None:
+        secret, _ = signing_secret(config)
+    claims = {k: v for k, v in (("aud", config.jwt_audience), ("iss", config.jwt_issuer)) if v}
+    return mint_token(secret, user_id, ttl_s=ttl_s, **claims)

@@ -1,18 +1,35 @@
-"""The command line: ``netra serve``, ``netra token``, ``netra chat``."""
+"""The command line: ``netra serve``, ``netra token``, ``netra chat``.
+
+Mistakes an operator can make (a busy port, a missing key on a public
+interface, a bad setting) end in one line on stderr naming what to change,
+and exit status 2; never in a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import os
-import secrets
+import socket
 import sys
+import time
 
 import trio
 
 from . import __version__
-from .auth import mint_token
+from .auth import (
+    DEV_SECRET_FILE,
+    MAX_NUMERIC_DATE,
+    dev_secret,
+    dev_token,
+    is_loopback,
+    signing_secret,
+)
 from .config import Config
+
+#: Errors of ``bind``: the server never listened, so it is a setting to change.
+_LISTEN_ERRNOS = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,9 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", help="TOML file of settings (see README)")
     serve.add_argument("--agents", help="agent set to load, as package.module:attribute")
 
-    token = sub.add_parser("token", help="print a development token signed with NETRA_JWT_SECRET")
+    token = sub.add_parser(
+        "token",
+        help="print a token signed with NETRA_JWT_SECRET, or else with the development secret in NETRA_DATA_DIR",
+    )
     token.add_argument("--user", required=True)
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires (default 3600)")
+    token.add_argument("--config", help="TOML file of settings (see README)")
 
     chat = sub.add_parser("chat", help="chat with an agent in the terminal")
     chat.add_argument("--url", default="ws://127.0.0.1:8000/ws")
@@ -40,17 +61,28 @@ def main(argv: list[str] | None = None) -> int:
         case "serve":
             return _serve(args)
         case "token":
-            secret = os.environ.get("NETRA_JWT_SECRET")
-            if not secret:
-                print("netra token: set NETRA_JWT_SECRET (the server's HS256 key)", file=sys.stderr)
-                return 2
-            print(mint_token(secret, args.user, ttl_s=args.ttl))
-            return 0
+            return _token(args)
         case "chat":
             from .client.terminal import run_chat
 
             return run_chat(url=args.url, token=args.token, agent=args.agent)
     return 2
+
+
+def _token(args: argparse.Namespace) -> int:
+    if not (0 < args.ttl and time.time() + args.ttl <= MAX_NUMERIC_DATE):
+        print("netra token: --ttl must be a positive number of seconds (ending before year 10000)", file=sys.stderr)
+        return 2
+    try:
+        config = Config.load(file=args.config)
+        secret, source = signing_secret(config)
+    except (ValueError, OSError) as exc:
+        print(f"netra token: {exc}", file=sys.stderr)
+        return 2
+    if source != "NETRA_JWT_SECRET":
+        print(f"netra token: signed with {source}", file=sys.stderr)
+    print(dev_token(args.user, ttl_s=args.ttl, config=config, secret=secret))
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -62,11 +94,10 @@ def _serve(args: argparse.Namespace) -> int:
         config = Config.load(
             file=args.config, overrides={"host": args.host, "port": args.port, "agents": args.agents}
         )
+        config, created = _development_mode(config)
     except (ValueError, OSError) as exc:
         print(f"netra serve: {exc}", file=sys.stderr)
         return 2
-    if config.jwt_secret is None and "HS256" in config.jwt_algorithms:
-        config = config.replace(jwt_secret=secrets.token_urlsafe(32), dev_mode=True)
     logs.configure(config.log_level)
     try:
         hub = Hub.build(config)
@@ -74,19 +105,83 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"netra serve: {exc}", file=sys.stderr)
         return 2
 
-    def ready(server) -> None:
-        print(f"netra {__version__} listening on {server.http_url}", file=sys.stderr, flush=True)
-        print(f"  Web chat:  {server.http_url}/", file=sys.stderr, flush=True)
-        print(f"  WebSocket: {server.ws_url}", file=sys.stderr, flush=True)
-        if config.dev_mode:
-            claims = {k: v for k, v in (("aud", config.jwt_audience), ("iss", config.jwt_issuer)) if v}
-            token = mint_token(config.jwt_secret, "dev-user", ttl_s=24 * 3600, **claims)
-            print("  development mode: a secret was generated for this run only", file=sys.stderr)
-            print(f"  token (user dev-user, 24 h): {token}", file=sys.stderr)
-            print(f"  try: {_self_command()} chat --url {server.ws_url} --token {token}", file=sys.stderr, flush=True)
+    listening = False
 
-    trio.run(functools.partial(serve_forever, hub, on_ready=ready))
+    def ready(server) -> None:
+        nonlocal listening
+        listening = True
+        lines = [
+            f"netra {__version__} listening on {server.http_url}",
+            f"  Web chat:  {server.http_url}/",
+            f"  WebSocket: {server.ws_url}",
+        ]
+        if config.dev_mode:
+            token = dev_token("dev-user", ttl_s=24 * 3600, config=config, secret=config.jwt_secret)
+            where = os.path.join(config.data_dir, DEV_SECRET_FILE)
+            lines += [
+                f"  development mode (loopback only): signing key {'created' if created else 'reused'} in {where}",
+                f"  more tokens: {_self_command()} token --user ID",
+                f"  token (user dev-user, 24 h): {token}",
+                f"  try: {_self_command()} chat --url {server.ws_url} --token {token}",
+            ]
+        # one write, so whoever reads stderr gets the whole block at once
+        print("\n".join(lines), file=sys.stderr, flush=True)
+
+    try:
+        trio.run(functools.partial(serve_forever, hub, on_ready=ready))
+    except (BaseExceptionGroup, OSError) as failure:
+        problem = None if listening else _listen_error(failure)
+        if problem is None:
+            raise
+        print(f"netra: cannot listen on {_address(config)}: {_strerror(problem)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _development_mode(config: Config) -> tuple[Config, bool]:
+    """Without a configured key, development mode: an HS256 secret kept in
+    the data folder, and a token for anyone who asks (``/api/dev-token``).
+    So it only ever listens on loopback. Returns the config to serve and
+    whether the secret was created now."""
+    needs_secret = config.jwt_secret is None and "HS256" in config.jwt_algorithms
+    if (needs_secret or config.dev_mode) and not is_loopback(config.host):
+        fix = (
+            "no NETRA_JWT_SECRET: development mode would give a token to anyone who reaches "
+            f"{config.host}; set NETRA_JWT_SECRET (or NETRA_JWT_ALGORITHMS=RS256 with NETRA_JWT_PUBLIC_KEY)"
+            if needs_secret
+            else f"NETRA_DEV_MODE would give a token to anyone who reaches {config.host}; unset it"
+        )
+        raise ValueError(f"{fix}, or listen on 127.0.0.1")
+    if not needs_secret:
+        return config, False
+    secret, created = dev_secret(config.data_dir)
+    return config.replace(jwt_secret=secret, dev_mode=True), created
+
+
+def _listen_error(failure: BaseException) -> OSError | None:
+    """The bind error in what was raised before the server listened, if any."""
+    group = failure if isinstance(failure, BaseExceptionGroup) else BaseExceptionGroup("", [failure])
+    matched, _ = group.split(
+        lambda exc: isinstance(exc, socket.gaierror)
+        or (isinstance(exc, OSError) and exc.errno in _LISTEN_ERRNOS)
+    )
+    while isinstance(matched, BaseExceptionGroup):
+        matched = matched.exceptions[0]
+    return matched
+
+
+def _strerror(exc: OSError) -> str:
+    """"address already in use", without the socket layer's decorations."""
+    if isinstance(exc.errno, int) and exc.errno > 0:
+        text = os.strerror(exc.errno)
+    else:  # getaddrinfo's errors are negative and carry their own text
+        text = exc.strerror or str(exc)
+    return text[:1].lower() + text[1:]
+
+
+def _address(config: Config) -> str:
+    host = f"[{config.host}]" if ":" in config.host and not config.host.startswith("[") else config.host
+    return f"{host}:{config.port}"
 
 
 def _self_command() -> str:

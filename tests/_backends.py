@@ -1,7 +1,9 @@
-"""Store backends for tests: SQLite always, PostgreSQL when
-NETRA_TEST_DATABASE_URL names a server that answers (the session then works
-in a database of its own, created here and dropped afterwards); otherwise
-PostgreSQL cases are skipped with the reason, never passed silently."""
+"""Store backends for tests: SQLite always, and PostgreSQL when one answers:
+the server named by NETRA_TEST_DATABASE_URL, or else the local one CI uses,
+postgresql://postgres@127.0.0.1:5432/test, found without any setting, so
+`make test` runs what CI runs. The session works in a database of its own,
+created here and dropped afterwards. When no server answers, PostgreSQL
+cases are skipped with the reason, never passed silently."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ from psycopg import sql
 from netra.config import Config
 
 PG_ENV = "NETRA_TEST_DATABASE_URL"
+#: Where CI's PostgreSQL answers (see .ci/run); tried when PG_ENV is unset.
+PG_LOCAL = "postgresql://postgres@127.0.0.1:5432/test"
 POOL = 4
 
 
@@ -41,18 +45,40 @@ class PgDatabase:
     name: str
 
 
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[PgDatabase]:
-    base = os.environ.get(PG_ENV)
-    if not base:
+def pg_candidate(environ: Mapping[str, str]) -> tuple[str, str]:
+    """The PostgreSQL server to test against, and where that choice came from."""
+    url = environ.get(PG_ENV)
+    if url:
+        return url, PG_ENV
+    return PG_LOCAL, f"the local default ({PG_ENV} is unset)"
+
+
+def pg_connect(environ: Mapping[str, str]) -> tuple[psycopg.Connection, str]:
+    """An autocommit connection to the candidate server, and its URL; skips
+    the test, saying why, when none answers there."""
+    url, origin = pg_candidate(environ)
+    try:
+        return psycopg.connect(url, autocommit=True, connect_timeout=5), url
+    except psycopg.Error as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         pytest.skip(
-            f"PostgreSQL not tested: set {PG_ENV}=postgresql://user@host:5432/db "
+            f"PostgreSQL not tested: no answer from {redacted(url)} ({origin}): {detail}. "
+            f"Start a server there, or set {PG_ENV}=postgresql://user@host:5432/db "
             "(a role allowed to CREATE DATABASE)"
         )
-    try:
-        admin = psycopg.connect(base, autocommit=True, connect_timeout=5)
-    except psycopg.Error as exc:
-        pytest.skip(f"PostgreSQL not tested: {PG_ENV} is set but does not answer ({exc})")
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[PgDatabase]:
+    admin, base = pg_connect(os.environ)
     name = f"netra_test_{uuid.uuid4().hex[:12]}"
     with admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))

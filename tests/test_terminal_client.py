@@ -13,6 +13,7 @@ import re
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
@@ -200,6 +201,73 @@ async def test_refused_token_exits_1_with_the_reason():
             )
     assert done.returncode == 1
     assert "netra chat: the server refused the connection: 401 unauthorized" in done.stderr.decode()
+
+
+async def test_slash_commands_are_answered_locally_and_never_sent(tmp_path):
+    """/help lists the commands; an unknown one (or a known one with
+    arguments) is answered here and nothing reaches the server; // sends a
+    message that begins with /."""
+    config = config_for_tests(database_url=f"sqlite:///{tmp_path / 'netra.sqlite3'}")
+    async with open_server(config) as server:
+        token = token_for(server, "erin")
+
+        def script() -> int:
+            child = spawn_chat(server.ws_url, token)
+            try:
+                child.expect_exact("/help lists the commands.")
+                child.expect_exact("you> ")
+                child.sendline("/help")
+                child.expect_exact("commands:")
+                for command in ("/help", "/new", "/quit, /exit", "//text"):
+                    child.expect_exact(command)
+                child.expect_exact("you> ")
+                child.sendline("/foo bar")
+                child.expect_exact("unknown command /foo; nothing was sent (/help lists the commands)")
+                child.expect_exact("you> ")
+                child.sendline("/new please")
+                child.expect_exact("/new takes no arguments; nothing was sent")
+                child.expect_exact("you> ")
+                child.sendline("//etc is a folder")
+                child.expect_exact("You said: “/etc is a folder”")
+                child.expect_exact("you> ")
+                child.sendline("/quit")
+                return finish(child)
+            finally:
+                child.close(force=True)
+
+        assert await in_thread(script) == 0
+        (thread,) = await threads_of(server, token)
+        async with httpx.AsyncClient(base_url=server.http_url, headers={"Authorization": f"Bearer {token}"}) as http:
+            with trio.fail_after(10):
+                body = (await http.get(f"/api/threads/{thread['id']}")).json()
+        assert [m["text"] for m in body["messages"] if m["role"] == "user"] == ["/etc is a folder"]
+        assert len(body["runs"]) == 1
+
+
+async def threads_of(server, token: str) -> list[dict]:
+    """The user's threads, read back through the threads API."""
+    async with httpx.AsyncClient(base_url=server.http_url, headers={"Authorization": f"Bearer {token}"}) as http:
+        with trio.fail_after(10):
+            response = await http.get("/api/threads")
+    assert response.status_code == 200, response.text
+    return response.json()["threads"]
+
+
+async def test_piped_slash_commands_are_answered_locally_too(tmp_path):
+    config = config_for_tests(database_url=f"sqlite:///{tmp_path / 'netra.sqlite3'}")
+    async with open_server(config) as server:
+        token = token_for(server, "finn")
+        with trio.fail_after(SCRIPT_S):
+            done = await trio.run_process(
+                [sys.executable, "-m", "netra", "chat", "--url", server.ws_url, "--token", token],
+                stdin=b"/help\n/nope\n", capture_stdout=True, capture_stderr=True, check=False,
+                env=child_env(), cwd=str(ROOT),
+            )
+        out = done.stdout.decode()
+        assert done.returncode == 0, done.stderr.decode()
+        assert "  /new           start a new conversation" in out.splitlines()
+        assert "unknown command /nope; nothing was sent (/help lists the commands)" in out
+        assert await threads_of(server, token) == []  # no message reached the server
 
 
 async def test_an_unreachable_server_exits_1_with_one_line():

@@ -34,7 +34,8 @@ from ._errors import ClientError, ConnectionClosed, ConnectionRefused, RunRefuse
 
 NO_TOKEN = """\
 netra chat: no token. Pass --token TOKEN or set NETRA_TOKEN.
-  A development server (netra serve without NETRA_JWT_SECRET) prints a token when it starts.
+  A development server (netra serve without NETRA_JWT_SECRET) prints a token when it starts,
+  and `netra token --user YOUR_ID`, run in the same folder, mints more.
   Otherwise mint one with the server's secret:
     NETRA_JWT_SECRET=... netra token --user YOUR_ID"""
 
@@ -101,6 +102,17 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+#: The commands of the prompt; anything else that starts with "/" is answered
+#: here and never sent, so a mistyped command cannot reach the model.
+HELP = """\
+commands:
+  /help          this list
+  /new           start a new conversation
+  /quit, /exit   quit (so do Ctrl-D, and Ctrl-C at the prompt)
+  //text         send a message that begins with "/" (as /text)
+Ctrl-C during a run stops that run."""
+
+
 _TRANSIENT = frozenset({"run_queued", "agent_started", "agent_thinking", "tool_executing"})
 
 
@@ -127,7 +139,7 @@ class Chat:
     async def main(self, sigint: AsyncIterator[int]) -> int:
         self.out.note(
             f"connected as {self.conn.user_id}. Enter sends; Ctrl-C stops a run; "
-            "Ctrl-C at the prompt or Ctrl-D quits; /new starts a new conversation."
+            "Ctrl-C at the prompt or Ctrl-D quits; /help lists the commands."
         )
         send_lines, lines = trio.open_memory_channel[str](0)
         async with trio.open_nursery() as nursery:
@@ -147,16 +159,34 @@ class Chat:
         self.out.prompt()
         async for line in lines:
             text = line.strip()
-            if text in ("/quit", "/exit"):
-                return self.quit(0)
-            if text == "/new":
-                self.thread_id = None
-                self.out.note("(a new conversation)")
+            if text.startswith("//"):
+                await self._send(text[1:])
+            elif text.startswith("/"):
+                if self._command(text):
+                    return self.quit(0)
             elif text:
                 await self._send(line)
             self.out.prompt()
         self.out.line("")  # EOF (Ctrl-D): end the prompt's line
         self.quit(0)
+
+    def _command(self, text: str) -> bool:
+        """Carry out a slash command locally; True when it means quit."""
+        name, _, rest = text.partition(" ")
+        if name in ("/quit", "/exit", "/new", "/help") and rest.strip():
+            self.out.error(f"{name} takes no arguments; nothing was sent")
+            return False
+        match name:
+            case "/quit" | "/exit":
+                return True
+            case "/new":
+                self.thread_id = None
+                self.out.note("(a new conversation)")
+            case "/help":
+                self.out.note(HELP)
+            case _:
+                self.out.error(f"unknown command {name}; nothing was sent (/help lists the commands)")
+        return False
 
     async def _send(self, text: str) -> None:
         state = self.run = RunState()

@@ -3,9 +3,9 @@ processes, real ports, a real data folder.
 
 Development mode only on loopback; its secret kept in the data folder so
 ``netra token`` mints tokens the running server accepts, before and after a
-restart; a busy port as one line; and the Dockerfile's parts that can be
-checked without a Docker engine (its command, health check and stop timing
-run here against real servers).
+restart; a busy port as one line; the README's Python example run as written;
+and the Dockerfile's parts that can be checked without a Docker engine (its
+command, health check and stop timing run here against real servers).
 """
 
 from __future__ import annotations
@@ -230,6 +230,35 @@ async def test_a_busy_port_is_one_line_and_exit_status_2(tmp_path):
         done = await netra("serve", "--port", str(port), cwd=tmp_path, env=env)
     assert done.returncode == 2
     assert done.stderr.decode() == f"netra: cannot listen on 127.0.0.1:{port}: address already in use\n"
+
+
+# -- the README's Python example, as written ------------------------------------------
+
+
+def readme_python_example() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    found = re.search(r"<!-- example: python client -->\s*```python\n(.*?)```", text, re.DOTALL)
+    assert found, "README.md lost its '<!-- example: python client -->' python block"
+    return found.group(1)
+
+
+async def test_readme_python_example_runs_as_written_after_make_run(tmp_path):
+    """`make run` is `netra serve` on the defaults; the example, saved as
+    example.py in the same folder, runs unchanged (only NETRA_URL says
+    where the test's server listens: port 8000 may be someone else's)."""
+    (tmp_path / "example.py").write_text(readme_python_example())
+    async with netra_serve("--port", "0", cwd=tmp_path, env=child_env()) as served:
+        with trio.fail_after(STEP_S):
+            done = await trio.run_process(
+                [sys.executable, "example.py"], cwd=tmp_path, env=child_env(NETRA_URL=served.ws_url),
+                stdin=b"", capture_stdout=True, capture_stderr=True, check=False,
+            )
+    assert done.returncode == 0, done.stderr.decode()
+    lines = done.stdout.decode().splitlines()
+    types = [line.split(" ", 1)[0] for line in lines]
+    assert types[0] == "agent_started" and types[-1] == "agent_completed", lines
+    assert {"agent_thinking", "tool_executing", "tool_completed"} <= set(types)
+    assert "42" in lines[-1]
 
 
 # -- the Dockerfile ----------------------------------------------------------------

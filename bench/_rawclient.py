@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import gc
 import hashlib
 import json
 import os
@@ -48,6 +49,8 @@ from typing import Any
 SUBPROTOCOL = "netra.v1"
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 FIVE = ("agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed")
+EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
+EPOLL_READ = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 RECV = 1 << 16  # below malloc's mmap threshold: a larger recv buffer costs an mmap + mremap + munmap per call
 
 _monotonic = time.monotonic
@@ -403,7 +406,7 @@ class EpollDriver:
         self.st = st
         self.ep = select.epoll()
         self.conns: dict[int, EpollConn] = {}
-        self.pending_out: set[EpollConn] = set()
+        self.connecting: set[EpollConn] = set()  # started, not yet open nor dropped
 
     def _writer(self, c: EpollConn):
         sock_send = c.sock.send
@@ -421,27 +424,33 @@ class EpollDriver:
                 return
             if sent < len(data):
                 c.out = data[sent:]
-                self.ep.modify(c.fd, select.EPOLLIN | select.EPOLLOUT)
+                self.ep.modify(c.fd, EPOLLIN | EPOLLOUT)
         return write
 
     def start_connect(self, c: EpollConn, host: str, port: int, path: str, source: str | None) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if source:
-            sock.setsockopt(socket.SOL_IP, getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24), 1)
-            sock.bind((source, 0))
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if source:  # the port is then chosen at connect(), per destination: no ephemeral-port exhaustion
+                sock.setsockopt(socket.SOL_IP, getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24), 1)
+                sock.bind((source, 0))
+        except OSError:
+            sock.close()
+            raise
         c.sock, c.fd, c.drv = sock, sock.fileno(), self
         c.state = "connecting"
         c.write = self._writer(c)
+        c.on_open = self.connecting.discard
         self.conns[c.fd] = c
+        self.connecting.add(c)
         req, c.accept = handshake_request(host, port, path, c.token)
         c.out = req
         err = sock.connect_ex((host, port))
         if err not in (0, errno.EINPROGRESS):
             self.drop(c, False, f"connect:{errno.errorcode.get(err, err)}")
             return
-        self.ep.register(c.fd, select.EPOLLOUT | select.EPOLLIN)
+        self.ep.register(c.fd, EPOLLOUT | EPOLLIN)
 
     def drop(self, c: Conn, counted: bool, why: str | None = None) -> None:
         if c.state == "closed":
@@ -455,6 +464,7 @@ class EpollDriver:
         elif c.state in ("connecting", "upgrading", "opening") and why is None and not counted:
             self.st.errors["connect:closed"] += 1
         c.state = "closed"
+        self.connecting.discard(c)
         self.conns.pop(c.fd, None)
         try:
             self.ep.unregister(c.fd)
@@ -471,11 +481,11 @@ class EpollDriver:
             c = conns.get(fd)
             if c is None:
                 continue
-            if ev & select.EPOLLOUT:
+            if ev & EPOLLOUT:
                 self._on_writable(c)
                 if c.state == "closed":
                     continue
-            if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+            if ev & EPOLL_READ:
                 try:
                     data = c.sock.recv(RECV)
                 except BlockingIOError:
@@ -510,7 +520,7 @@ class EpollDriver:
                 return
             c.out = c.out[sent:]
         if not c.out:
-            self.ep.modify(c.fd, select.EPOLLIN)
+            self.ep.modify(c.fd, EPOLLIN)
 
 
 # --------------------------------------------------------------------------
@@ -522,8 +532,16 @@ def _emit(tag: str, payload: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _raise_nofile() -> tuple[int, int]:
+def _raise_nofile(need: int = 0) -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit, or to ``need`` above it when
+    we may (CAP_SYS_RESOURCE); returns (soft, hard) after."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if need > hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
+            return resource.getrlimit(resource.RLIMIT_NOFILE)
+        except (ValueError, OSError):
+            pass
     if soft < hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -556,30 +574,34 @@ def _users(spec: dict[str, Any], st: Stats, cls: type[Conn]) -> list[Conn]:
 
 
 def _connect_all(drv: EpollDriver, conns: list[EpollConn], spec: dict[str, Any]) -> float:
+    """Open every connection, at most ``connect_concurrency`` in flight, each
+    from the next of ``sources`` (local addresses, so that many connections to
+    one server port do not run out of ephemeral ports), all within
+    ``connect_phase_s``."""
     host, port, path = spec["host"], spec["port"], spec.get("path", "/ws")
     sources = spec.get("sources") or [None]
     limit = spec["connect_concurrency"]
-    st = drv.st
     t0 = _monotonic()
-    deadline = t0 + spec["connect_timeout_s"]
-    todo = list(conns)
-    todo.reverse()
-    done = 0
+    deadline = t0 + spec["connect_phase_s"]
+    todo = list(reversed(conns))
     i = 0
-    while (todo or any(c.state in ("connecting", "upgrading", "opening") for c in drv.conns.values())) \
-            and _monotonic() < deadline:
-        in_flight = sum(1 for c in drv.conns.values() if c.state != "open")
-        while todo and in_flight < limit:
+    while (todo or drv.connecting) and _monotonic() < deadline:
+        while todo and len(drv.connecting) < limit:
             c = todo.pop()
-            drv.start_connect(c, host, port, path, sources[i % len(sources)])
+            try:
+                drv.start_connect(c, host, port, path, sources[i % len(sources)])
+            except OSError as exc:  # EMFILE, EADDRINUSE...: counted, the others go on
+                drv.st.errors[f"connect:{errno.errorcode.get(exc.errno, exc.errno)}"] += 1
+                if c.sock is not None:
+                    c.sock.close()
+                drv.connecting.discard(c)
+                drv.conns.pop(c.fd, None)
             i += 1
-            in_flight += 1
         drv.poll(0.05)
-        done += 1
-    for c in list(drv.conns.values()):
-        if c.state != "open":
-            drv.drop(c, False, "connect:timeout")
-    st.errors.update({"connect:not_started": len(todo)} if todo else {})
+    for c in list(drv.connecting):
+        drv.drop(c, False, "connect:timeout")
+    if todo:
+        drv.st.errors["connect:not_started"] += len(todo)
     return _monotonic() - t0
 
 
@@ -606,6 +628,7 @@ def _result(st: Stats, extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def worker_load(spec: dict[str, Any]) -> None:
+    _raise_nofile(spec["users"] + 200)
     st = Stats()
     drv = EpollDriver(st)
     conns = _users(spec, st, EpollConn)
@@ -616,6 +639,9 @@ def worker_load(spec: dict[str, Any]) -> None:
     if cmd[:1] != ["GO"]:
         raise RuntimeError(f"expected GO, got {cmd!r}")
     t_go, st.t_warm, st.t_stop = (float(x) for x in cmd[1:4])
+    gc.collect()
+    gc.freeze()
+    gc.disable()  # the hot path makes no reference cycles; the collector's passes over the latencies are waste
     while _monotonic() < t_go:
         time.sleep(min(0.001, max(0.0, t_go - _monotonic())))
     cpu0, t0 = _cpu(), _monotonic()
@@ -643,7 +669,7 @@ def worker_load(spec: dict[str, Any]) -> None:
 def worker_idle(spec: dict[str, Any]) -> None:
     """Open ``users`` authenticated connections, hold them (answering pings)
     until the parent says CLOSE, then close them all."""
-    nofile = _raise_nofile()
+    nofile = _raise_nofile(spec["users"] + 200)
     st = Stats()
     drv = EpollDriver(st)
     conns = _users(spec, st, EpollConn)
@@ -729,8 +755,8 @@ def worker_load_uvloop(spec: dict[str, Any]) -> None:
                 c.on_open = lambda _c: opened.done() or opened.set_result(None)
                 try:
                     await asyncio.wait_for(loop.create_connection(lambda: Proto(c), spec["host"], spec["port"]),
-                                           spec["connect_timeout_s"])
-                    await asyncio.wait_for(opened, spec["connect_timeout_s"])
+                                           spec["connect_phase_s"])
+                    await asyncio.wait_for(opened, spec["connect_phase_s"])
                 except (OSError, TimeoutError) as exc:
                     st.errors[f"connect:{type(exc).__name__}"] += 1
 

@@ -131,7 +131,8 @@ def start(kind: str, *, secret: str, delay_ms: float, log_dir: Path,
     variables (e.g. ``NETRA_DATABASE_URL``, for netra's default store);
     ``netra_root`` runs the netra package of another source tree. ``cpus``
     pins the server (and every thread and process it starts) to those CPUs;
-    ``nofile`` sets its soft open-file limit (capped at the hard limit)."""
+    ``nofile`` sets its open-file limit (above the hard limit when we may,
+    else capped at it)."""
     port = free_port()
     env = dict(os.environ)
     root = ROOT
@@ -155,7 +156,10 @@ def start(kind: str, *, secret: str, delay_ms: float, log_dir: Path,
             import resource
 
             _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
+            try:  # above the hard limit only with CAP_SYS_RESOURCE (root)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, max(nofile, hard)))
+            except (ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
 
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(command(kind, port), cwd=root, env=env, stdin=subprocess.DEVNULL,

@@ -229,7 +229,7 @@ def measure(server: _servers.Server, connections: int, args: argparse.Namespace,
         for count in _split(connections, procs):
             spec = {"mode": "load", "io": args.client_io, "host": _servers.HOST, "port": server.port,
                     "prefix": prefix, "first_user": first, "users": count,
-                    "connect_concurrency": max(1, 200 // procs), "connect_timeout_s": 60.0,
+                    "connect_concurrency": max(1, 200 // procs), "connect_phase_s": 60.0,
                     "go_timeout_s": 120.0, "drain_timeout_s": args.run_timeout, "close_timeout_s": 5.0}
             first += count
             workers.append(Worker(spec, args.client_cpus, secret))

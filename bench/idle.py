@@ -4,26 +4,33 @@ For each server in turn (netra, the FastAPI peer, the raw floor; one server
 process alive at a time, so none is measured while another is being loaded),
 the bench:
 
-1. starts it and opens and closes ``--warmup`` connections, so one-time
-   costs (lazy imports, first-request caches) are not charged to connections;
+1. starts it with an open-file limit above ``--connections`` and opens and
+   closes ``--warmup`` connections, so one-time costs (lazy imports,
+   first-request caches) are not charged to connections;
 2. reads its RSS (``/proc/PID/status`` VmRSS) = "before";
 3. opens ``--connections`` connections (one user each, bearer token),
-   at most ``--connect-concurrency`` in flight, spread over
-   ``--processes`` client processes (each raises its soft RLIMIT_NOFILE
-   to the hard limit), each waiting for its ``connected`` event;
+   at most ``--connect-concurrency`` in flight, spread over ``--processes``
+   client processes of the raw-socket client (bench/_rawclient.py: a few
+   hundred bytes per connection on the client's side, no task per
+   connection), each waiting for its ``connected`` event. Each connection
+   comes from the next local address of 127.0.0.2 ... 127.0.0.N
+   (``--source-addresses``), so that tens of thousands of connections to
+   one server port do not exhaust the ephemeral ports of one address;
 4. waits ``--settle-s``, reads RSS again = "open";
-5. closes every connection from the client side, waits, and reads
-   RSS, open file descriptors and, for netra, /readyz ``connections``.
+5. closes every connection from the client side (close frame, then the
+   socket), waits, and reads RSS, open file descriptors and, for netra,
+   /readyz ``connections``.
 
 ``rss_per_connection_kib`` = (open - before) / connections actually open.
 Nothing is sent on the idle connections (netra's heartbeat pings, which the
 client answers, still run: that is part of an idle connection's life).
+The client processes and the server raise RLIMIT_NOFILE as far as they
+may (above the hard limit when run as root).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import secrets
@@ -34,90 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from trio_websocket import connect_websocket_url
 
 from . import _servers, _spawn
-from ._client import SUBPROTOCOL, mint_token
-from .load import LineReader
-
-
-# --------------------------------------------------------------------------
-# worker process
-
-
-async def _worker(spec: dict[str, Any]) -> None:
-    limit = _spawn.raise_nofile()
-    secret = os.environ["NETRA_JWT_SECRET"]
-    stdin = LineReader(trio.lowlevel.FdStream(os.dup(0)))
-    sockets: list[Any] = []
-    errors: dict[str, int] = {}
-
-    close_now = trio.Event()
-    state = {"open": 0, "close_errors": 0}
-    connect_limiter = trio.CapacityLimiter(spec["connect_concurrency"])
-    close_limiter = trio.CapacityLimiter(spec["connect_concurrency"])
-
-    def count(key: str) -> None:
-        errors[key] = errors.get(key, 0) + 1
-
-    async def hold(n: int) -> None:
-        """One connection in a nursery of its own: trio-websocket's reader task
-        can raise when a server ping crosses our close (it answers with a
-        pong in state LOCAL_CLOSING); that must end this connection only."""
-        sub = f"idle-{spec['prefix']}-u{n}"
-        headers = [(b"authorization", f"Bearer {mint_token(secret, sub)}".encode())]
-        closing = False
-        try:
-            async with trio.open_nursery() as own:
-                async with connect_limiter:
-                    try:
-                        with trio.fail_after(spec["connect_timeout_s"]):
-                            ws = await connect_websocket_url(own, spec["url"], subprotocols=[SUBPROTOCOL],
-                                                             extra_headers=headers)
-                            first = json.loads(await ws.get_message())
-                        if first.get("type") != "connected":
-                            raise RuntimeError("first frame not connected")
-                    except Exception as exc:  # noqa: BLE001
-                        count(f"connect:{type(exc).__name__}")
-                        own.cancel_scope.cancel()
-                        return
-                sockets.append(ws)
-                await close_now.wait()
-                closing = True
-                if ws.closed is None:
-                    state["open"] += 1
-                async with close_limiter:
-                    with trio.move_on_after(spec["connect_timeout_s"]):
-                        await ws.aclose()
-                own.cancel_scope.cancel()
-        except Exception as exc:  # noqa: BLE001
-            if closing:
-                state["close_errors"] += 1
-            else:
-                count(f"dropped:{type(exc).__name__}")
-
-    with trio.fail_after(spec["deadline_s"]):
-        async with trio.open_nursery() as conns:
-            t0 = time.monotonic()
-            for n in range(spec["first_user"], spec["first_user"] + spec["users"]):
-                conns.start_soon(hold, n)
-            while len(sockets) + sum(errors.values()) < spec["users"]:
-                await trio.sleep(0.05)
-            _spawn.emit("READY", {"connected": len(sockets), "errors": errors, "connect_s": time.monotonic() - t0,
-                                  "nofile": list(limit)})
-            if (await stdin.readline()).strip() != "CLOSE":
-                raise RuntimeError("expected CLOSE")
-            t1 = time.monotonic()
-            close_now.set()
-            with trio.move_on_after(spec["close_timeout_s"]) as scope:
-                while True:
-                    await trio.sleep(0.05)
-                    if not conns.child_tasks:
-                        break
-            _spawn.emit("CLOSED", {"open_before_close": state["open"], "close_errors": state["close_errors"],
-                                   "dropped_while_idle": sum(v for k, v in errors.items() if k.startswith("dropped:")),
-                                   "close_s": time.monotonic() - t1, "close_timed_out": scope.cancelled_caught})
-            conns.cancel_scope.cancel()
+from .hotpath import netra_source
 
 
 # --------------------------------------------------------------------------
@@ -125,15 +51,17 @@ async def _worker(spec: dict[str, Any]) -> None:
 
 
 async def _connect_batch(server: _servers.Server, n: int, procs: int, concurrency: int, secret: str,
-                         tag: str) -> tuple[list[Any], list[dict[str, Any]]]:
+                         tag: str, sources: int = 0) -> tuple[list[Any], list[dict[str, Any]]]:
     specs, first = [], 1
     connect_phase_s = 120 + n * 30 / max(1, concurrency)
+    addresses = [f"127.0.0.{i}" for i in range(2, 2 + sources)] or None
     for count in _spawn.split(n, procs):
-        specs.append({"url": server.url, "prefix": f"{tag}-{os.getpid()}", "first_user": first, "users": count,
-                      "connect_concurrency": max(1, concurrency // procs), "connect_timeout_s": 30.0,
-                      "close_timeout_s": 60.0, "deadline_s": connect_phase_s + 3600})
+        specs.append({"mode": "idle", "host": _servers.HOST, "port": server.port, "prefix": f"{tag}-{os.getpid()}",
+                      "first_user": first, "users": count, "sources": addresses,
+                      "connect_concurrency": max(1, concurrency // procs), "connect_phase_s": connect_phase_s,
+                      "close_timeout_s": 60.0, "hold_timeout_s": connect_phase_s + 3600})
         first += count
-    workers = await _spawn.spawn("bench.idle", specs, secret)
+    workers = await _spawn.spawn("bench._rawclient", specs, secret)
     try:
         with trio.fail_after(connect_phase_s):
             ready = [await _spawn.expect(r, "READY") for _, r in workers]
@@ -153,6 +81,14 @@ async def _close_batch(workers: list[Any]) -> list[dict[str, Any]]:
         await _spawn.reap(workers)
 
 
+def _sum_counts(dicts: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in dicts:
+        for key, n in d.items():
+            out[key] = out.get(key, 0) + n
+    return out
+
+
 async def _snapshot(server: _servers.Server) -> dict[str, Any]:
     pid = server.proc.pid
     ready = await _spawn.readyz(server)
@@ -164,7 +100,8 @@ async def _snapshot(server: _servers.Server) -> dict[str, Any]:
 async def _one(kind: str, args: argparse.Namespace, secret: str, log_dir: Path) -> dict[str, Any]:
     k = args.connections
     server = _servers.start(kind, secret=secret, delay_ms=0.0, log_dir=log_dir, netra_forced={
-        "NETRA_MAX_CONNECTIONS": str(k + args.warmup + 1000)})
+        "NETRA_MAX_CONNECTIONS": str(k + args.warmup + 1000)}, nofile=k + args.warmup + 1000,
+        netra_root=args.netra_root)
     try:
         await _servers.wait_ready(server)
         pid = server.proc.pid
@@ -180,9 +117,10 @@ async def _one(kind: str, args: argparse.Namespace, secret: str, log_dir: Path) 
         before = await _snapshot(server)
         busy = _spawn.MachineBusy()
         t0 = time.monotonic()
-        workers, ready = await _connect_batch(server, k, args.processes, args.connect_concurrency, secret, kind)
+        workers, ready = await _connect_batch(server, k, args.processes, args.connect_concurrency, secret, kind,
+                                              sources=args.source_addresses)
         connect_s = time.monotonic() - t0
-        connected = sum(r["connected"] for r in ready)
+        connected = sum(r["open"] for r in ready)
         errors: dict[str, int] = {}
         for r in ready:
             for key, n in r["errors"].items():
@@ -208,7 +146,9 @@ async def _one(kind: str, args: argparse.Namespace, secret: str, log_dir: Path) 
             "server": kind, "connections_asked": k, "connected": connected,
             "still_open_at_close": sum(c["open_before_close"] for c in closed),
             "dropped_while_idle": sum(c["dropped_while_idle"] for c in closed),
-            "client_close_errors": sum(c["close_errors"] for c in closed),
+            "client_close_errors": _sum_counts(c["errors"] for c in closed),
+            "close_codes": _sum_counts(c["close_codes"] for c in closed),
+            "server_pings_answered": sum(c["pings"] for c in closed),
             "close_s": round(max(c["close_s"] for c in closed), 2),
             "connect_s": round(connect_s, 2), "connects_per_s": round(connected / connect_s, 1) if connect_s else None,
             "rss_mib": {"before": round(before["rss_kib"] / 1024, 1), "open": round(opened["rss_kib"] / 1024, 1),
@@ -251,7 +191,10 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     if "netra" in rows and "floor" in rows and rows["floor"]["rss_per_connection_kib"]:
         summary["ratio_netra_floor"] = round(rows["netra"]["rss_per_connection_kib"] / rows["floor"]["rss_per_connection_kib"], 3)
     return {
-        "meta": {"connections": args.connections, "connect_concurrency": args.connect_concurrency,
+        "meta": {"connections": args.connections, "connections_asked": args.connections_asked,
+                 "connect_concurrency": args.connect_concurrency,
+                 "client": "bench/_rawclient.py", "source_addresses": args.source_addresses,
+                 "netra_source": netra_source(args.netra_root or _servers.ROOT),
                  "processes": args.processes, "warmup": args.warmup, "settle_s": args.settle_s,
                  "bench_nofile": list(limit), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         "summary": summary,
@@ -259,21 +202,53 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _nofile_reachable(want: int) -> int:
+    """The open-file limit a process started by us can get: ``want`` when
+    the hard limit may be raised (CAP_SYS_RESOURCE), else the hard limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if want <= hard:
+        return want
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, want))  # raising the hard limit: only if we may
+    except (ValueError, OSError):
+        return hard
+    return want
+
+
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        trio.run(_worker, json.loads(sys.argv[2]))
-        return 0
     p = argparse.ArgumentParser(prog="python -m bench.idle", description=__doc__.splitlines()[0])
     p.add_argument("--connections", type=int, default=10000, help="idle connections per server (one user each)")
     p.add_argument("--connect-concurrency", type=int, default=200, help="connects in flight, all processes")
-    p.add_argument("--processes", type=int, default=4, help="client processes")
+    p.add_argument("--processes", type=int, default=2, help="client processes")
+    p.add_argument("--source-addresses", type=int, default=None,
+                   help="client addresses 127.0.0.2 ... (default: one per 20,000 connections, at least 1)")
     p.add_argument("--warmup", type=int, default=20, help="connections opened and closed before 'before'")
     p.add_argument("--settle-s", type=float, default=3.0, help="wait before each RSS reading")
     p.add_argument("--drain-s", type=float, default=30.0, help="longest wait for the server to see the closes")
     p.add_argument("--servers", nargs="+", default=["netra", "peer", "floor"], choices=["netra", "peer", "floor"])
+    p.add_argument("--netra-root", type=Path, default=None,
+                   help="run the netra package of this source tree instead of this repository's")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
+    if args.netra_root is not None:
+        args.netra_root = args.netra_root.resolve()
+    asked = args.connections
+    reachable = _nofile_reachable(asked + args.warmup + 1000)
+    if asked + args.warmup + 1000 > reachable:
+        # one server process holds every connection: it cannot hold more than its open-file limit allows
+        args.connections = max(1, reachable - args.warmup - 1000)
+        print(f"open-file limit: at most {reachable} here (hard limit, and no CAP_SYS_RESOURCE to raise it), so "
+              f"one server process can hold {args.connections} connections, not {asked}: measuring "
+              f"{args.connections}", file=sys.stderr)
+    args.connections_asked = asked
+    per_process = max(100, min(_spawn.raise_nofile()) - 200)
+    args.processes = max(args.processes, math.ceil(args.connections / per_process))
     args.processes = max(1, min(args.processes, math.ceil(args.connections / 100)))
+    if args.source_addresses is None:
+        args.source_addresses = max(1, math.ceil(args.connections / 20000))
+    args.source_addresses = max(0, min(args.source_addresses, 250))
     out = trio.run(_bench, args)
     _spawn.write_result(out, args.json)
     ok = all(r["connected"] == args.connections and not r["readyz_connections"]["after_close"]

@@ -1,15 +1,17 @@
 """Worker-thread access to a fixed number of database connections.
 
-Both backends use synchronous drivers from worker threads. A :class:`Gate`
-admits at most ``size`` operations at once (one per connection), bounds the
-wait for a turn by ``timeout_s``, runs the operation in a thread of its own
-limiter (so store threads never compete with other ``to_thread`` users), and
-keeps the counts :class:`~netra.store.base.PoolStats` reports.
+Both SQL backends use synchronous drivers from worker threads. A
+:class:`Gate` admits at most ``size`` operations at once (one per
+connection), bounds the wait for a turn by ``timeout_s``, runs the operation
+in a thread of its own limiter (so store threads never compete with other
+``to_thread`` users), and keeps the counts
+:class:`~netra.store.base.PoolStats` reports.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import attrs
@@ -37,15 +39,19 @@ class Gate:
         self._limiter = trio.CapacityLimiter(self.size)
         self._threads = trio.CapacityLimiter(self.size)
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` in a worker thread once a connection is free. The
-        thread is never abandoned: it holds a connection until it returns."""
+    @asynccontextmanager
+    async def turn(self, deadline: float | None = None) -> AsyncIterator[None]:
+        """Hold one connection's turn. Waiting for it ends at ``deadline``
+        (default: ``timeout_s`` from now) with StoreError; the wait is
+        cancellable, the turn itself is released however the block ends."""
         limiter = self._limiter
         if limiter.available_tokens == 0 or limiter.statistics().tasks_waiting:
             self.waits_total += 1
+        if deadline is None:
+            deadline = trio.current_time() + self.timeout_s
         self.waiting += 1
         try:
-            with trio.move_on_after(self.timeout_s) as waited:
+            with trio.move_on_at(deadline) as waited:
                 await limiter.acquire()
         finally:
             self.waiting -= 1
@@ -53,10 +59,21 @@ class Gate:
             raise StoreError("the database is busy")
         self.in_use += 1
         try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._threads)
+            yield
         finally:
             self.in_use -= 1
             limiter.release()
+
+    async def hop(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker thread, inside a :meth:`turn`. The thread
+        is never abandoned: it holds a connection until it returns, so a
+        cancellation waits for it and lands at the caller's next checkpoint."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._threads)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker thread once a connection is free."""
+        async with self.turn():
+            return await self.hop(fn, *args)
 
     def stats(self) -> PoolStats:
         return PoolStats(size=self.size, in_use=self.in_use, waiting=self.waiting, waits_total=self.waits_total)

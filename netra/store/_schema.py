@@ -23,6 +23,7 @@ import attrs
 
 from ..errors import NotFound, StoreError
 from .base import (
+    NODE_LOST,
     RunOutcome,
     RunRecord,
     RunStart,
@@ -30,6 +31,7 @@ from .base import (
     StoredMessage,
     ThreadRecord,
     ToolCallRecord,
+    retry_starts_new_run,
 )
 
 
@@ -154,6 +156,16 @@ MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
         CREATE UNIQUE INDEX threads_user_client ON threads (user_id, client_id)
         """,
     ),
+    (
+        3,
+        # The node (process) that runs each run, so the runs a dead node left
+        # running can be found and closed; the partial index holds only the
+        # running ones, so finding them never scans the history.
+        """
+        ALTER TABLE runs ADD COLUMN node_id TEXT;
+        CREATE INDEX runs_running_node ON runs (node_id) WHERE status = 'running'
+        """,
+    ),
 )
 
 
@@ -254,61 +266,104 @@ def _owned_thread(db: Db, user_id: str, thread_id: str) -> ThreadRecord:
 # -- operations -------------------------------------------------------------
 
 
-def begin_run(db: Db, start: RunStart) -> RunStarted:
+#: Passes of begin_run: a retry that frees a client id, then the insert
+#: that takes it. More only when concurrent retries keep taking it first.
+_ATTEMPTS = 3
+
+_PREVIOUS_RUN = "m.id, m.run_id, r.status, r.cancel_reason, r.error_code"
+
+
+def begin_run(db: Db, start: RunStart, node_id: str) -> RunStarted:
     """Nothing is written before the duplicate check, so a duplicate needs no
-    rollback. The uniqueness of (thread_id, client_id) decides duplicates, even
-    between two concurrent requests: the loser's insert does nothing."""
+    rollback. The uniqueness of (thread_id, client_id), and of (user_id,
+    client_id) among the threads a user started, decides duplicates, even
+    between two concurrent requests: the loser's insert does nothing.
+
+    When the run a client id started was cut short from outside
+    (:func:`retry_starts_new_run`), the id is released from its message (and
+    thread) by a conditional update, so of two concurrent retries only one
+    releases it, and the insert is tried again: the retry gets a new run,
+    recorded with ``replaces``. A retry of a thread-starting message starts a
+    new thread, as the message asked; the old thread keeps what it had."""
     text = db.dialect.text
-    if start.thread_id is None:
-        thread = ThreadRecord(
-            id=start.new_thread_id,
-            user_id=start.user_id,
-            title=text(_title(start.text)),
-            created_at=start.started_at,
-            updated_at=start.started_at,
-        )
+    replaces: str | None = None
+    for _ in range(_ATTEMPTS):
+        if start.thread_id is None:
+            thread = ThreadRecord(
+                id=start.new_thread_id,
+                user_id=start.user_id,
+                title=text(_title(start.text)),
+                created_at=start.started_at,
+                updated_at=start.started_at,
+            )
+            inserted = db.run(
+                f"INSERT INTO threads ({_THREAD}, client_id) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (user_id, client_id) DO NOTHING",
+                thread.id, thread.user_id, thread.title, thread.created_at, thread.updated_at,
+                start.client_id,
+            ).rowcount  # fmt: skip
+            if inserted == 0:  # this user already started a thread with this message id
+                row = db.one(
+                    f"SELECT {', '.join('t.' + c for c in _THREAD_COLS)}, {_PREVIOUS_RUN}"
+                    " FROM threads t"
+                    " JOIN messages m ON m.thread_id = t.id AND m.client_id = t.client_id"
+                    " LEFT JOIN runs r ON r.id = m.run_id"
+                    " WHERE t.user_id = ? AND t.client_id = ?",
+                    start.user_id, start.client_id,
+                )  # fmt: skip
+                if row is None:  # the conflicting thread vanished (deleted meanwhile)
+                    raise StoreError("conflicting write, try again")
+                earlier = _thread(row[:5])
+                message_id, run_id, *ending = row[5:]
+                if not retry_starts_new_run(*ending):
+                    return RunStarted(thread=earlier, duplicate_of=run_id)
+                if _release(db, "threads", earlier.id, start.client_id):
+                    _release(db, "messages", message_id, start.client_id)
+                    replaces = run_id
+                continue
+        else:
+            thread = _owned_thread(db, start.user_id, start.thread_id)
         inserted = db.run(
-            f"INSERT INTO threads ({_THREAD}, client_id) VALUES (?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (user_id, client_id) DO NOTHING",
-            thread.id, thread.user_id, thread.title, thread.created_at, thread.updated_at,
-            start.client_id,
+            f"INSERT INTO messages ({_MESSAGE}) VALUES (?, ?, 'user', ?, ?, ?, ?)"
+            " ON CONFLICT (thread_id, client_id) DO NOTHING",
+            start.user_message_id, thread.id, text(start.text), start.run_id,
+            start.client_id, start.started_at,
         ).rowcount  # fmt: skip
-        if inserted == 0:  # this user already started a thread with this message id
+        if inserted == 0:
             row = db.one(
-                f"SELECT {', '.join('t.' + c for c in _THREAD_COLS)}, m.run_id FROM threads t"
-                " JOIN messages m ON m.thread_id = t.id AND m.client_id = t.client_id"
-                " WHERE t.user_id = ? AND t.client_id = ?",
-                start.user_id, start.client_id,
-            )  # fmt: skip
-            if row is None:  # the conflicting thread vanished (deleted meanwhile)
+                f"SELECT {_PREVIOUS_RUN} FROM messages m LEFT JOIN runs r ON r.id = m.run_id"
+                " WHERE m.thread_id = ? AND m.client_id = ?",
+                thread.id,
+                start.client_id,
+            )
+            if row is None:  # the conflicting row vanished (thread deleted meanwhile)
                 raise StoreError("conflicting write, try again")
-            return RunStarted(thread=_thread(row[:-1]), duplicate_of=row[-1])
-    else:
-        thread = _owned_thread(db, start.user_id, start.thread_id)
-    inserted = db.run(
-        f"INSERT INTO messages ({_MESSAGE}) VALUES (?, ?, 'user', ?, ?, ?, ?)"
-        " ON CONFLICT (thread_id, client_id) DO NOTHING",
-        start.user_message_id, thread.id, text(start.text), start.run_id,
-        start.client_id, start.started_at,
-    ).rowcount  # fmt: skip
-    if inserted == 0:
-        row = db.one(
-            "SELECT run_id FROM messages WHERE thread_id = ? AND client_id = ?",
-            thread.id,
-            start.client_id,
-        )
-        if row is None:  # the conflicting row vanished (thread deleted meanwhile)
-            raise StoreError("conflicting write, try again")
-        return RunStarted(thread=thread, duplicate_of=row[0])
-    db.run(
-        f"INSERT INTO runs ({_RUN}) VALUES (?, ?, ?, ?, 'running', ?, NULL, NULL, ?, NULL, NULL)",
-        start.run_id, thread.id, start.user_id, start.agent, start.started_at,
-        db.dialect.dump_json({}),
-    )  # fmt: skip
-    if start.thread_id is not None:
-        db.run("UPDATE threads SET updated_at = ? WHERE id = ?", start.started_at, thread.id)
-        thread = attrs.evolve(thread, updated_at=start.started_at)
-    return RunStarted(thread=thread)
+            message_id, run_id, *ending = row
+            if not retry_starts_new_run(*ending):
+                return RunStarted(thread=thread, duplicate_of=run_id)
+            if _release(db, "messages", message_id, start.client_id):
+                replaces = run_id
+            continue
+        db.run(
+            f"INSERT INTO runs ({_RUN}, node_id)"
+            " VALUES (?, ?, ?, ?, 'running', ?, NULL, NULL, ?, NULL, NULL, ?)",
+            start.run_id, thread.id, start.user_id, start.agent, start.started_at,
+            db.dialect.dump_json({}), node_id,
+        )  # fmt: skip
+        if start.thread_id is not None:
+            db.run("UPDATE threads SET updated_at = ? WHERE id = ?", start.started_at, thread.id)
+            thread = attrs.evolve(thread, updated_at=start.started_at)
+        return RunStarted(thread=thread, replaces=replaces)
+    raise StoreError("conflicting write, try again")
+
+
+def _release(db: Db, table: str, row_id: str, client_id: str | None) -> bool:
+    """Take a client id off a message or thread, only if it still has it: of
+    concurrent retries, the one that changes the row goes on (PostgreSQL
+    re-reads the row after waiting for the other's lock)."""
+    return bool(
+        db.run(f"UPDATE {table} SET client_id = NULL WHERE id = ? AND client_id = ?", row_id, client_id).rowcount
+    )
 
 
 def finish_run(db: Db, outcome: RunOutcome) -> None:
@@ -401,3 +456,26 @@ def delete_thread(db: Db, user_id: str, thread_id: str) -> None:
     deleted = db.run("DELETE FROM threads WHERE id = ? AND user_id = ?", thread_id, user_id)
     if deleted.rowcount == 0:
         raise NotFound("thread not found")
+
+
+# -- runs of dead nodes ------------------------------------------------------
+
+
+def running_nodes(db: Db) -> list[str | None]:
+    """The nodes that have runs ``running`` (None: runs recorded before
+    nodes were, by a netra that is gone since the upgrade)."""
+    return [row[0] for row in db.all("SELECT DISTINCT node_id FROM runs WHERE status = 'running'")]
+
+
+def close_runs_of(db: Db, nodes: list[str | None], ended_at: float) -> int:
+    """Close the running runs of ``nodes`` as failed with NODE_LOST. Their
+    user message, and anything else they recorded, stays; a later finish_run
+    of one of them changes nothing (it is no longer running)."""
+    closed = 0
+    for node in nodes:
+        closed += db.run(
+            "UPDATE runs SET status = 'failed', ended_at = ?, error_code = ?"
+            f" WHERE status = 'running' AND node_id {'IS NULL' if node is None else '= ?'}",
+            ended_at, NODE_LOST, *(() if node is None else (node,)),
+        ).rowcount  # fmt: skip
+    return closed

@@ -17,6 +17,13 @@ is unset, ``data_dir/netra.sqlite3``. ``sqlite:///:memory:`` is a fresh
 database in a temporary folder removed by :meth:`SQLiteStore.aclose`: a real
 file rather than a shared-cache memory database, because shared cache has
 table locks that ignore ``busy_timeout`` and fail under concurrent writers.
+
+Runs are written by group commit (:mod:`netra.store._batch`): SQLite has one
+writer at a time anyway, so writes that arrive together share one ``BEGIN
+IMMEDIATE`` ... ``COMMIT`` and one thread hop instead of queueing for the
+lock one by one. Node liveness locks are files in ``NAME.nodes/`` next to
+the database (:mod:`netra.store._nodes`); a read-only store (``?mode=ro``)
+takes none and closes no runs.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 import trio
@@ -37,7 +45,9 @@ import trio
 from ..config import Config
 from ..errors import NetraError, StoreError
 from . import _schema
+from ._batch import Call, GroupCommit, Result, WriteFailed, write_all, write_each
 from ._gate import Gate
+from ._nodes import FileClaims
 from ._operations import SqlOperations
 
 T = TypeVar("T")
@@ -77,6 +87,17 @@ def database_location(config: Config) -> tuple[str | None, bool]:
     if query:
         return f"{Path(path).absolute().as_uri()}?{query}", True
     return path, False
+
+
+def _nodes_folder(database: str, uri: bool) -> Path | None:
+    """Where the node locks of this database live; None for a read-only
+    database, which begins no runs."""
+    if not uri:
+        return Path(f"{database}.nodes")
+    parts = urlsplit(database)
+    if "ro" in parse_qs(parts.query).get("mode", []):
+        return None
+    return Path(f"{unquote(parts.path)}.nodes")
 
 
 @contextlib.contextmanager
@@ -190,23 +211,29 @@ class SQLiteStore(SqlOperations):
     def size(self) -> int:
         return max(1, self.config.store_pool_size)
 
+    def _gate_or_none(self) -> Gate | None:
+        return self._gate
+
     # -- lifecycle --------------------------------------------------------
 
     async def open(self) -> None:
         if self._gate is not None:
             raise RuntimeError("store already open")
         database, uri = database_location(self.config)
-        self._gate = Gate(self.size, self.config.store_timeout_s)
+        self._gate = gate = Gate(self.size, self.config.store_timeout_s)
+        self._commits = GroupCommit(gate, self._work_batch, max_batch=self.max_batch)
         try:
-            self._conns, self._tempdir = await trio.to_thread.run_sync(
+            self._conns, self._tempdir, nodes = await trio.to_thread.run_sync(
                 self._prepare, database, uri
             )
             await self._call(_schema.migrate, write=True)
+            claims = None if nodes is None else FileClaims(nodes, self.config.store_timeout_s)
+            await self._start_node(claims)
         except BaseException:
             await self.aclose()
             raise
 
-    def _prepare(self, database: str | None, uri: bool) -> tuple[_Connections, str | None]:
+    def _prepare(self, database: str | None, uri: bool) -> tuple[_Connections, str | None, Path | None]:
         """Create the folder (or a temporary one) so a first start just works."""
         tempdir = None
         try:
@@ -217,10 +244,13 @@ class SQLiteStore(SqlOperations):
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError("the database folder cannot be created") from exc
-        return _Connections(database, uri, self.config.store_timeout_s), tempdir
+        conns = _Connections(database, uri, self.config.store_timeout_s)
+        return conns, tempdir, _nodes_folder(database, uri)
 
     async def aclose(self) -> None:
-        """Close idle connections now; borrowed ones close as they come back."""
+        """Close idle connections now; borrowed ones close as they come back.
+        The node's lock goes too: runs it left running are orphans now."""
+        await self._stop_node()
         conns, tempdir = self._conns, self._tempdir
         self._conns = self._gate = self._tempdir = None
         if conns is not None:
@@ -249,3 +279,11 @@ class SQLiteStore(SqlOperations):
                 return op(_schema.Db(conn, _schema.SQLITE), *args)
         except (sqlite3.Error, UnicodeError) as exc:
             raise _store_error(exc) from exc
+
+    def _work_batch(self, calls: list[Call]) -> list[Result]:
+        """A group-commit batch: one write transaction, written plainly, or
+        again with a savepoint per write if one of them failed."""
+        try:
+            return self._work(write_all, (calls,), True)
+        except WriteFailed:
+            return self._work(write_each, (calls, (sqlite3.Error, UnicodeError), _store_error), True)

@@ -1,0 +1,329 @@
+"""The store of a server that keeps nothing: ``database_url = "none"``.
+
+The same rules as the SQL stores (threads belong to their user, NotFound for
+anyone else's, history, client message ids decided exactly as
+:func:`netra.store._schema.begin_run` decides them, outcomes recorded once),
+so the rest of netra has one code path whether or not a database is
+configured. Nothing outlives the process.
+
+This is the hot path of a server run without a database, so every operation
+is plain dictionary work in the caller's task: no thread, no checkpoint, O(1)
+apart from reads that return a whole thread or a user's list. Its memory is
+bounded for a server that runs for months: at most ``max_threads`` threads
+and ``max_text_chars`` characters of text (messages, tool arguments and
+results), the least recently used thread forgotten whole (messages, runs,
+client ids) while either is exceeded; and at most ``max_runs_per_thread``
+runs in one thread, the oldest quarter forgotten at once when it is
+exceeded (so the cost is O(1) per run, amortized). A forgotten message id is
+a new message again: the memory store is idempotent for as long as it
+remembers.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import json
+from collections import OrderedDict
+from typing import Any
+
+import attrs
+
+from ..errors import NotFound, StoreError
+from ._nodes import new_node_id
+from ._schema import _title
+from .base import (
+    PoolStats,
+    RunOutcome,
+    RunRecord,
+    RunStart,
+    RunStarted,
+    StoredMessage,
+    ThreadRecord,
+    retry_starts_new_run,
+)
+
+#: A message in its thread's order: (created_at, seq, message), as the SQL
+#: stores order them (``ORDER BY created_at, seq``).
+_Entry = tuple[float, int, StoredMessage]
+
+
+def _as_json(value: Any) -> tuple[Any, int]:
+    """What a SQL store gives back for a tool's args or result: JSON values
+    only (odd objects as strings), never the caller's own mutable object;
+    and its size in characters."""
+    text = json.dumps(value, default=str)
+    return json.loads(text), len(text)
+
+
+@attrs.define(eq=False, slots=True)
+class _Thread:
+    record: ThreadRecord
+    #: The id of the message that started it (scope: its user's threads).
+    client_id: str | None
+    messages: list[_Entry] = attrs.field(factory=list)
+    #: Client id -> the message holding it (scope: this thread).
+    ids: dict[str, _Entry] = attrs.field(factory=dict)
+    #: Runs in the order they began.
+    runs: dict[str, RunRecord] = attrs.field(factory=dict)
+    #: Characters of text each run holds (its messages and tool calls).
+    sizes: dict[str, int] = attrs.field(factory=dict)
+    chars: int = 0
+
+
+@attrs.define(eq=False)
+class MemoryStore:
+    """:class:`netra.store.base.Store` in this process's memory."""
+
+    max_threads: int = attrs.field(default=50_000, kw_only=True)
+    max_runs_per_thread: int = attrs.field(default=1_000, kw_only=True)
+    max_text_chars: int = attrs.field(default=64_000_000, kw_only=True)
+    node_id: str = attrs.field(factory=new_node_id, kw_only=True)
+    #: Least recently used first.
+    _threads: OrderedDict[str, _Thread] = attrs.field(factory=OrderedDict, init=False, repr=False)
+    #: User -> their thread ids (an ordered set), for list_threads.
+    _by_user: dict[str, dict[str, None]] = attrs.field(factory=dict, init=False, repr=False)
+    #: (user, client id) -> the thread that message started.
+    _started: dict[tuple[str, str], str] = attrs.field(factory=dict, init=False, repr=False)
+    _seq: int = attrs.field(default=0, init=False)
+    _chars: int = attrs.field(default=0, init=False)
+    _open: bool = attrs.field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if min(self.max_threads, self.max_runs_per_thread, self.max_text_chars) < 1:
+            raise ValueError("max_threads, max_runs_per_thread and max_text_chars must be at least 1")
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._open:
+            raise RuntimeError("store already open")
+        self._open = True
+
+    async def aclose(self) -> None:
+        self._open = False
+        self._threads.clear()
+        self._by_user.clear()
+        self._started.clear()
+        self._chars = 0
+
+    async def ping(self) -> None:
+        self._check_open()
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise StoreError("the store is not open")
+
+    def stats(self) -> PoolStats:
+        return PoolStats(size=0, in_use=0, waiting=0, waits_total=0)
+
+    def __len__(self) -> int:
+        """Threads remembered now."""
+        return len(self._threads)
+
+    @property
+    def text_chars(self) -> int:
+        """Characters of text remembered now."""
+        return self._chars
+
+    # -- runs --------------------------------------------------------------
+
+    async def begin_run(self, start: RunStart) -> RunStarted:
+        self._check_open()
+        replaces: str | None = None
+        cid = start.client_id
+        if start.thread_id is None:
+            if cid is not None and (earlier_id := self._started.get((start.user_id, cid))) is not None:
+                earlier = self._threads[earlier_id]
+                entry = earlier.ids.get(cid)
+                if entry is not None:  # (None: that message was forgotten, and its id with it)
+                    run_id = entry[2].run_id
+                    if not self._retry_starts_new_run(earlier, run_id):
+                        self._threads.move_to_end(earlier_id)
+                        return RunStarted(thread=earlier.record, duplicate_of=run_id)
+                    self._release(earlier, entry)
+                    replaces = run_id
+                earlier.client_id = None
+                del self._started[(start.user_id, cid)]
+            if start.new_thread_id in self._threads:
+                raise StoreError("the database rejected the write")
+            thread = self._new_thread(start)
+        else:
+            thread = self._owned(start.user_id, start.thread_id)
+            if cid is not None and (entry := thread.ids.get(cid)) is not None:
+                run_id = entry[2].run_id
+                if not self._retry_starts_new_run(thread, run_id):
+                    self._threads.move_to_end(thread.record.id)
+                    return RunStarted(thread=thread.record, duplicate_of=run_id)
+                self._release(thread, entry)
+                replaces = run_id
+            thread.record = attrs.evolve(thread.record, updated_at=start.started_at)
+            self._threads.move_to_end(thread.record.id)
+        message = StoredMessage(
+            id=start.user_message_id, thread_id=thread.record.id, role="user", text=start.text,
+            run_id=start.run_id, client_id=cid, created_at=start.started_at,
+        )  # fmt: skip
+        entry = self._add(thread, message)
+        if cid is not None:
+            thread.ids[cid] = entry
+        thread.runs[start.run_id] = RunRecord(
+            id=start.run_id, thread_id=thread.record.id, user_id=start.user_id, agent=start.agent,
+            status="running", started_at=start.started_at,
+        )  # fmt: skip
+        self._charge(thread, start.run_id, len(start.text))
+        if len(thread.runs) > self.max_runs_per_thread:
+            self._forget_oldest_runs(thread)
+        self._shed(thread)
+        return RunStarted(thread=thread.record, replaces=replaces)
+
+    async def finish_run(self, outcome: RunOutcome) -> None:
+        self._check_open()
+        thread = self._threads.get(outcome.thread_id)
+        run = None if thread is None else thread.runs.get(outcome.run_id)
+        if thread is None or run is None:  # e.g. the thread was deleted while the run went on
+            raise NotFound("run not found")
+        if run.status != "running":  # a retry: the outcome is already there
+            return
+        calls, chars = [], len(outcome.answer_text)
+        for call in outcome.tool_calls:
+            (args, args_chars), (result, result_chars) = _as_json(call.args), _as_json(call.result)
+            chars += args_chars + result_chars + len(call.error or "")
+            calls.append(attrs.evolve(call, run_id=run.id, args=args, result=result))
+        thread.runs[run.id] = attrs.evolve(
+            run, status=outcome.status, ended_at=outcome.ended_at, duration_ms=outcome.duration_ms,
+            usage=dict(outcome.usage), error_code=outcome.error_code,
+            cancel_reason=outcome.cancel_reason, tool_calls=tuple(calls),
+        )  # fmt: skip
+        if outcome.answer_text:  # a run that failed before any text leaves no empty turn
+            self._add(thread, StoredMessage(
+                id=outcome.answer_message_id, thread_id=thread.record.id, role="assistant",
+                text=outcome.answer_text, run_id=run.id, client_id=None, created_at=outcome.ended_at,
+            ))  # fmt: skip
+        thread.record = attrs.evolve(thread.record, updated_at=outcome.ended_at)
+        self._threads.move_to_end(thread.record.id)
+        self._charge(thread, run.id, chars)
+        self._shed(thread)
+
+    async def close_orphaned_runs(self, node_id: str | None = None) -> int:
+        """Nothing to close: no other process ever wrote here."""
+        self._check_open()
+        if node_id == self.node_id:
+            raise ValueError("a store cannot close its own node's runs")
+        return 0
+
+    # -- reads and deletes ----------------------------------------------------
+
+    async def history(self, thread_id: str, *, limit: int) -> list[StoredMessage]:
+        self._check_open()
+        thread = self._threads.get(thread_id)
+        if thread is None or limit <= 0:
+            return []
+        self._threads.move_to_end(thread_id)
+        return [m for _, _, m in thread.messages[-limit:]]
+
+    async def list_threads(self, user_id: str, *, limit: int = 100) -> list[ThreadRecord]:
+        self._check_open()
+        if limit <= 0:
+            return []
+        records = (self._threads[t].record for t in self._by_user.get(user_id, ()))
+        return heapq.nsmallest(limit, records, key=lambda r: (-r.updated_at, r.id))
+
+    async def get_thread(
+        self, user_id: str, thread_id: str
+    ) -> tuple[ThreadRecord, list[StoredMessage], list[RunRecord]]:
+        self._check_open()
+        thread = self._owned(user_id, thread_id)
+        self._threads.move_to_end(thread_id)
+        runs = sorted(thread.runs.values(), key=lambda r: (r.started_at, r.id))
+        return thread.record, [m for _, _, m in thread.messages], runs
+
+    async def delete_thread(self, user_id: str, thread_id: str) -> None:
+        self._check_open()
+        self._forget(self._owned(user_id, thread_id))
+
+    # -- plumbing ----------------------------------------------------------
+
+    def _owned(self, user_id: str, thread_id: str) -> _Thread:
+        thread = self._threads.get(thread_id)
+        if thread is None or thread.record.user_id != user_id:
+            # The same answer for "absent" and "someone else's": ids do not leak.
+            raise NotFound("thread not found")
+        return thread
+
+    @staticmethod
+    def _retry_starts_new_run(thread: _Thread, run_id: str | None) -> bool:
+        run = thread.runs.get(run_id) if run_id is not None else None
+        if run is None:  # as in SQL: a message whose run is unknown stays a duplicate
+            return False
+        return retry_starts_new_run(run.status, run.cancel_reason, run.error_code)
+
+    def _new_thread(self, start: RunStart) -> _Thread:
+        record = ThreadRecord(
+            id=start.new_thread_id, user_id=start.user_id, title=_title(start.text),
+            created_at=start.started_at, updated_at=start.started_at,
+        )  # fmt: skip
+        thread = _Thread(record=record, client_id=start.client_id)
+        self._threads[record.id] = thread
+        self._by_user.setdefault(start.user_id, {})[record.id] = None
+        if start.client_id is not None:
+            self._started[(start.user_id, start.client_id)] = record.id
+        return thread
+
+    def _charge(self, thread: _Thread, run_id: str, chars: int) -> None:
+        thread.sizes[run_id] = thread.sizes.get(run_id, 0) + chars
+        thread.chars += chars
+        self._chars += chars
+
+    def _shed(self, keep: _Thread) -> None:
+        """Forget least recently used threads while over a bound, never
+        ``keep`` (the one just written, most recently used): a single thread
+        over the text budget is bounded by max_runs_per_thread instead."""
+        while len(self._threads) > self.max_threads or self._chars > self.max_text_chars:
+            oldest = next(iter(self._threads.values()))
+            if oldest is keep:
+                return
+            self._forget(oldest)
+
+    def _add(self, thread: _Thread, message: StoredMessage) -> _Entry:
+        self._seq += 1
+        entry = (message.created_at, self._seq, message)
+        messages = thread.messages
+        if not messages or messages[-1][:2] <= entry[:2]:
+            messages.append(entry)  # the usual case: in order
+        else:
+            bisect.insort(messages, entry, key=lambda e: e[:2])
+        return entry
+
+    def _release(self, thread: _Thread, entry: _Entry) -> None:
+        """Take the client id off its message: the id moves to a new run."""
+        created_at, seq, message = entry
+        del thread.ids[message.client_id]  # type: ignore[arg-type]
+        i = bisect.bisect_left(thread.messages, (created_at, seq), key=lambda e: e[:2])
+        thread.messages[i] = (created_at, seq, attrs.evolve(message, client_id=None))
+
+    def _forget_oldest_runs(self, thread: _Thread) -> None:
+        keep = self.max_runs_per_thread * 3 // 4
+        runs = list(thread.runs)
+        gone = set(runs[: len(runs) - keep])
+        thread.runs = {r: thread.runs[r] for r in runs[len(runs) - keep :]}
+        freed = sum(thread.sizes.pop(r, 0) for r in gone)
+        thread.chars -= freed
+        self._chars -= freed
+        thread.messages = [e for e in thread.messages if e[2].run_id not in gone]
+        thread.ids = {cid: e for cid, e in thread.ids.items() if e[2].run_id not in gone}
+        if thread.client_id is not None and thread.client_id not in thread.ids:
+            # the message that started the thread is forgotten, and its id with it
+            self._started.pop((thread.record.user_id, thread.client_id), None)
+            thread.client_id = None
+
+    def _forget(self, thread: _Thread) -> None:
+        record = thread.record
+        del self._threads[record.id]
+        self._chars -= thread.chars
+        owned = self._by_user.get(record.user_id)
+        if owned is not None:
+            owned.pop(record.id, None)
+            if not owned:
+                del self._by_user[record.user_id]
+        if thread.client_id is not None:
+            self._started.pop((record.user_id, thread.client_id), None)

@@ -1,12 +1,16 @@
 """One suite for every store backend.
 
-SQLite always runs (a file under tmp_path). PostgreSQL runs when
-NETRA_TEST_DATABASE_URL names a server that answers; the session then works in
-a database of its own, created here and dropped afterwards. Otherwise the
-PostgreSQL cases are skipped with the reason, never passed silently.
+The memory store (``database_url = "none"``) and SQLite always run (SQLite on
+a file under tmp_path). PostgreSQL runs when NETRA_TEST_DATABASE_URL names a
+server that answers; the session then works in a database of its own,
+created here and dropped afterwards. Otherwise the PostgreSQL cases are
+skipped with the reason, never passed silently.
 
 Every test id is random, so tests sharing that database never see each
-other's rows. ``store._call(op, ...)`` runs a raw query in the backend's own
+other's rows. Tests of the Store interface (the ``store`` fixture) check
+through the interface only, so the memory store answers them too; tests of
+SQL matters (migrations, cascades, outages) take the SQL-only ``backend``
+fixture, and ``store._call(op, ...)`` runs a raw query in the backend's own
 worker/transaction machinery, so checks on rows stay backend-neutral.
 """
 
@@ -25,19 +29,33 @@ import trio
 from netra.config import Config
 from netra.errors import NotFound, StoreError
 from netra.store import (
+    MemoryStore,
     PostgresStore,
     RunOutcome,
     RunStart,
     SQLiteStore,
     Store,
     ToolCallRecord,
+    _schema,
     open_store,
 )
-from netra.store import _schema
 
 from ._backends import POOL, Backend, uid  # noqa: F401  (fixtures come from conftest)
 
 IO_TIMEOUT = 30.0
+
+#: Every backend: the Store interface must mean the same on each.
+ALL_BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+def backend_named(request: pytest.FixtureRequest, name: str, tmp_path: Path) -> Backend:
+    """The ``backend`` fixture's backends, plus "memory" (database_url none)."""
+    if name == "memory":
+        return Backend("memory", "none")
+    if name == "sqlite":
+        return Backend("sqlite", f"sqlite:///{tmp_path}/db/netra.sqlite3")
+    pg = request.getfixturevalue("pg_database")
+    return Backend("postgres", pg.url, pg)
 
 
 @asynccontextmanager
@@ -53,9 +71,14 @@ async def opened(config: Config) -> AsyncIterator[Store]:
             await store.aclose()
 
 
+@pytest.fixture(params=ALL_BACKENDS)
+def any_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return backend_named(request, request.param, tmp_path)
+
+
 @pytest.fixture
-async def store(backend: Backend) -> AsyncIterator[Store]:
-    async with opened(backend.config()) as s:
+async def store(any_backend: Backend) -> AsyncIterator[Store]:
+    async with opened(any_backend.config()) as s:
         yield s
 
 
@@ -101,6 +124,23 @@ async def rows(store: Store, query: str, *params: Any) -> list[Any]:
 
 async def count(store: Store, table: str, where: str, *params: Any) -> int:
     return (await rows(store, f"SELECT COUNT(*) FROM {table} WHERE {where}", *params))[0][0]
+
+
+# Counts through the Store interface, for every backend.
+
+
+async def thread_counts(store: Store, user: str, thread_id: str) -> tuple[int, int]:
+    """(runs, messages) of one thread."""
+    _, messages, runs = await store.get_thread(user, thread_id)
+    return len(runs), len(messages)
+
+
+async def user_runs(store: Store, user: str) -> list[Any]:
+    """Every run of every thread of ``user``."""
+    runs = []
+    for thread in await store.list_threads(user, limit=10_000):
+        runs.extend((await store.get_thread(user, thread.id))[2])
+    return runs
 
 
 # -- tests --------------------------------------------------------------------
@@ -169,8 +209,8 @@ async def test_begin_run_on_someone_elses_thread_is_not_found(store: Store) -> N
         ):
             with pytest.raises(NotFound):
                 await store.begin_run(intruder_start)
-        assert await count(store, "runs", "thread_id = ?", thread.id) == 1
-        assert await count(store, "messages", "thread_id = ?", thread.id) == 1
+        assert await thread_counts(store, owner, thread.id) == (1, 1)
+        assert await store.list_threads(other) == []
 
 
 async def test_duplicate_client_id_writes_nothing(store: Store) -> None:
@@ -182,8 +222,7 @@ async def test_duplicate_client_id_writes_nothing(store: Store) -> None:
         started = await store.begin_run(retry)
         assert started.duplicate_of == first.run_id
         assert started.thread.id == thread.id
-        assert await count(store, "runs", "thread_id = ?", thread.id) == 1
-        assert await count(store, "messages", "thread_id = ?", thread.id) == 1
+        assert await thread_counts(store, user, thread.id) == (1, 1)
         # Another id, no id at all (twice), or an id of this thread starting a
         # new thread: new runs.
         for s in (
@@ -193,7 +232,7 @@ async def test_duplicate_client_id_writes_nothing(store: Store) -> None:
             start_of(user, client_id="c-2"),
         ):
             assert (await store.begin_run(s)).duplicate_of is None
-        assert await count(store, "runs", "thread_id = ?", thread.id) == 4
+        assert (await thread_counts(store, user, thread.id))[0] == 4
 
 
 async def test_a_retried_thread_starting_message_starts_nothing(store: Store) -> None:
@@ -206,13 +245,13 @@ async def test_a_retried_thread_starting_message_starts_nothing(store: Store) ->
         thread = (await store.begin_run(first)).thread
         retry = await store.begin_run(start_of(user, client_id="hello-1"))
         assert (retry.duplicate_of, retry.thread) == (first.run_id, thread)
-        assert await count(store, "threads", "user_id = ?", user) == 1
+        assert [t.id for t in await store.list_threads(user)] == [thread.id]
         # the same id from another user is that user's own first message
         assert (await store.begin_run(start_of(other, client_id="hello-1"))).duplicate_of is None
 
         await _race_one_winner(store, [start_of(user, client_id="race") for _ in range(10)])
-        assert await count(store, "threads", "user_id = ?", user) == 2
-        assert await count(store, "runs", "user_id = ?", user) == 2
+        assert len(await store.list_threads(user)) == 2
+        assert len(await user_runs(store, user)) == 2
 
 
 async def test_concurrent_duplicates_start_one_run(store: Store) -> None:
@@ -220,7 +259,7 @@ async def test_concurrent_duplicates_start_one_run(store: Store) -> None:
     with trio.fail_after(IO_TIMEOUT):
         thread = (await store.begin_run(start_of(user))).thread
         await _race_one_winner(store, [start_of(user, thread_id=thread.id, client_id="same") for _ in range(10)])
-        assert await count(store, "runs", "thread_id = ?", thread.id) == 2
+        assert (await thread_counts(store, user, thread.id))[0] == 2
 
 
 async def _race_one_winner(store: Store, starts: list[RunStart]) -> None:
@@ -320,12 +359,7 @@ async def test_history_is_the_last_n_oldest_first(store: Store) -> None:
 async def test_list_get_delete_respect_ownership(store: Store) -> None:
     owner, other = uid("user"), uid("user")
     with trio.fail_after(IO_TIMEOUT):
-        threads = []
-        for i in range(3):
-            s = start_of(owner, text=f"t{i}", at=3000.0 + i)
-            threads.append((await store.begin_run(s)).thread)
-            call = ToolCallRecord(id="c", run_id=s.run_id, name="n", args={})
-            await store.finish_run(outcome_of(s, threads[-1].id, tool_calls=(call,)))
+        threads = await _three_threads(store, owner)
         await store.begin_run(start_of(other))
         listed = await store.list_threads(owner)
         assert [t.id for t in listed] == [t.id for t in reversed(threads)]  # newest first
@@ -333,7 +367,6 @@ async def test_list_get_delete_respect_ownership(store: Store) -> None:
         assert await store.list_threads(uid("nobody")) == []
 
         victim = threads[0]
-        run_ids = [r[0] for r in await rows(store, "SELECT id FROM runs WHERE thread_id = ?", victim.id)]
         for intruder in (lambda: store.get_thread(other, victim.id),
                          lambda: store.delete_thread(other, victim.id),
                          lambda: store.get_thread(owner, uid("missing"))):  # fmt: skip
@@ -344,11 +377,33 @@ async def test_list_get_delete_respect_ownership(store: Store) -> None:
             await store.get_thread(owner, victim.id)
         with pytest.raises(NotFound):
             await store.delete_thread(owner, victim.id)
-        assert await count(store, "messages", "thread_id = ?", victim.id) == 0
-        assert await count(store, "runs", "thread_id = ?", victim.id) == 0
-        assert await count(store, "tool_calls", "run_id = ?", run_ids[0]) == 0
+        assert await store.history(victim.id, limit=10) == []
         assert [t.id for t in await store.list_threads(owner)] == [t.id for t in reversed(threads[1:])]
         assert len((await store.get_thread(owner, threads[1].id))[2]) == 1  # others intact
+
+
+async def _three_threads(store: Store, owner: str) -> list[Any]:
+    threads = []
+    for i in range(3):
+        s = start_of(owner, text=f"t{i}", at=3000.0 + i)
+        threads.append((await store.begin_run(s)).thread)
+        call = ToolCallRecord(id="c", run_id=s.run_id, name="n", args={})
+        await store.finish_run(outcome_of(s, threads[-1].id, tool_calls=(call,)))
+    return threads
+
+
+async def test_delete_cascades_to_every_row(backend: Backend) -> None:
+    async with opened(backend.config()) as store:
+        owner = uid("user")
+        with trio.fail_after(IO_TIMEOUT):
+            victim, kept, _ = await _three_threads(store, owner)
+            run_ids = [r[0] for r in await rows(store, "SELECT id FROM runs WHERE thread_id = ?", victim.id)]
+            assert await count(store, "tool_calls", "run_id = ?", run_ids[0]) == 1
+            await store.delete_thread(owner, victim.id)
+            assert await count(store, "messages", "thread_id = ?", victim.id) == 0
+            assert await count(store, "runs", "thread_id = ?", victim.id) == 0
+            assert await count(store, "tool_calls", "run_id = ?", run_ids[0]) == 0
+            assert await count(store, "messages", "thread_id = ?", kept.id) == 2
 
 
 async def test_many_concurrent_runs_are_each_recorded_once(store: Store) -> None:
@@ -356,7 +411,7 @@ async def test_many_concurrent_runs_are_each_recorded_once(store: Store) -> None
     high_water = 0
     with trio.fail_after(IO_TIMEOUT * 2):
         shared = [(await store.begin_run(start_of(user))).thread.id for _ in range(5)]
-        base = await count(store, "runs", "user_id = ?", user)
+        base = len(await user_runs(store, user))
 
         async def one(i: int) -> None:
             nonlocal high_water
@@ -364,7 +419,7 @@ async def test_many_concurrent_runs_are_each_recorded_once(store: Store) -> None
             started = await store.begin_run(s)
             assert started.duplicate_of is None
             high_water = max(high_water, store.stats().in_use)
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
             await store.finish_run(outcome_of(s, started.thread.id))
 
         async with trio.open_nursery() as nursery:
@@ -372,18 +427,18 @@ async def test_many_concurrent_runs_are_each_recorded_once(store: Store) -> None
                 nursery.start_soon(one, i)
 
         stats = store.stats()
-        assert (stats.size, stats.in_use, stats.waiting) == (POOL, 0, 0)
-        assert stats.waits_total > 0
-        assert 0 < high_water <= POOL
-        assert await count(store, "runs", "user_id = ?", user) == base + 100
-        assert await count(store, "runs", "user_id = ? AND status = 'completed'", user) == 100
-        per_run = await rows(
-            store,
-            "SELECT m.run_id, COUNT(*) FROM messages m JOIN runs r ON r.id = m.run_id"
-            " WHERE r.user_id = ? AND r.status = 'completed' GROUP BY m.run_id",
-            user,
-        )
-        assert len(per_run) == 100 and {n for _, n in per_run} == {2}
+        assert (stats.in_use, stats.waiting) == (0, 0)
+        assert high_water <= stats.size
+        runs = await user_runs(store, user)
+        assert len(runs) == base + 100
+        completed = {r.id for r in runs if r.status == "completed"}
+        assert len(completed) == 100
+        per_run: dict[str, int] = {}
+        for thread in await store.list_threads(user, limit=1000):
+            for m in (await store.get_thread(user, thread.id))[1]:
+                if m.run_id in completed:
+                    per_run[m.run_id] = per_run.get(m.run_id, 0) + 1
+        assert len(per_run) == 100 and set(per_run.values()) == {2}
 
 
 async def test_outage_raises_store_error_then_recovers(backend: Backend) -> None:
@@ -439,8 +494,8 @@ async def test_unreachable_postgres_is_store_error() -> None:
     assert "s3cret" not in str(caught.value) and "127.0.0.1" not in str(caught.value)
 
 
-async def test_closed_store_raises_store_error(backend: Backend) -> None:
-    async with opened(backend.config()) as store:
+async def test_closed_store_raises_store_error(any_backend: Backend) -> None:
+    async with opened(any_backend.config()) as store:
         pass
     with pytest.raises(StoreError):
         await store.ping()
@@ -465,10 +520,10 @@ async def test_sqlite_memory_and_default_locations(tmp_path: Path) -> None:
 
 
 def test_open_store_picks_the_backend() -> None:
-    def pick(url: str | None) -> Store | None:
+    def pick(url: str | None) -> Store:
         return open_store(Config(database_url=url))
 
-    assert pick("none") is None and pick("NONE") is None
+    assert isinstance(pick("none"), MemoryStore) and isinstance(pick("NONE"), MemoryStore)
     assert isinstance(pick(None), SQLiteStore)
     assert isinstance(pick("sqlite:///x/y.db"), SQLiteStore)
     assert isinstance(pick("postgresql://u@h/db"), PostgresStore)

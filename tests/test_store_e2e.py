@@ -1,5 +1,7 @@
-"""Conversations that last, through the real server: SQLite always,
-PostgreSQL when one answers (see tests/_backends.py)."""
+"""Conversations that last, through the real server: the memory store
+(what ``NETRA_DATABASE_URL=none`` runs on) and SQLite always, PostgreSQL when
+one answers (see tests/_backends.py). What needs a database that outlives
+the server, or one that can fail, runs on the SQL backends only."""
 
 from __future__ import annotations
 
@@ -12,10 +14,17 @@ import trio
 
 from netra.client import RunRefused, connect
 from netra.models.scripted import ScriptedModel
+from netra.store import MemoryStore
 from netra.testing import config_for_tests, open_server, token_for
 
 from .conftest import settle
 from .test_golden_path import CALC, assert_run_shape
+from .test_store import ALL_BACKENDS, backend_named
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def any_backend(request, tmp_path):
+    return backend_named(request, request.param, tmp_path)
 
 
 @attrs.define(eq=False)
@@ -33,10 +42,14 @@ class RecordingModel:
 
 @asynccontextmanager
 async def stored_server(backend, **overrides):
+    model = overrides.pop("model", None) or RecordingModel()
     config = config_for_tests(database_url=backend.url, store_pool_size=4, **overrides)
-    async with open_server(config, model=overrides.pop("model", None) or RecordingModel()) as server:
-        async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
-            yield Stored(server, http)
+    store = MemoryStore() if backend.name == "memory" else "config"
+    async with (
+        open_server(config, model=model, store=store) as server,
+        httpx.AsyncClient(base_url=server.http_url, timeout=10) as http,
+    ):
+        yield Stored(server, http)
 
 
 @attrs.frozen
@@ -52,8 +65,8 @@ def auth(server, user: str) -> dict:
     return {"Authorization": f"Bearer {token_for(server, user)}"}
 
 
-async def test_history_survives_reconnect_and_reaches_the_model(backend):
-    async with stored_server(backend, history_window=10) as server:
+async def test_history_survives_reconnect_and_reaches_the_model(any_backend):
+    async with stored_server(any_backend, history_window=10) as server:
         with trio.fail_after(20):
             async with connect(server.ws_url, token_for(server, "ann")) as conn:
                 first = await conn.collect("my name is Ann")
@@ -74,8 +87,8 @@ async def test_history_survives_reconnect_and_reaches_the_model(backend):
             assert [t["id"] for t in listed["threads"]] == [thread]
 
 
-async def test_partial_answer_of_a_run_cancelled_by_disconnect_is_kept(backend):
-    async with stored_server(backend, scripted_delay_ms=30) as server:
+async def test_partial_answer_of_a_run_cancelled_by_disconnect_is_kept(any_backend):
+    async with stored_server(any_backend, scripted_delay_ms=30) as server:
         with trio.fail_after(20):
             async with connect(server.ws_url, token_for(server, "bo")) as conn:
                 deltas, thread = [], None
@@ -89,12 +102,40 @@ async def test_partial_answer_of_a_run_cancelled_by_disconnect_is_kept(backend):
             body = (await server.http.get(f"/api/threads/{thread}", headers=auth(server, "bo"))).json()
             run = body["runs"][0]
             assert run["status"] == "cancelled" and run["cancel_reason"] == "disconnect"
-            answer = [m for m in body["messages"] if m["role"] == "assistant"][0]["text"]
+            answer = next(m for m in body["messages"] if m["role"] == "assistant")["text"]
             assert answer.startswith("".join(deltas)) and len(answer) < 200
 
 
-async def test_threads_are_private(backend):
-    async with stored_server(backend) as server:
+async def test_a_message_cut_short_by_a_disconnect_can_be_sent_again(any_backend):
+    """docs/protocol.md section 9: after a disconnect, resending the message
+    with the same id is safe, and it gets its answer."""
+    story = "[[stream:20]] tell me a story"
+    async with stored_server(any_backend, scripted_delay_ms=30) as server:
+        with trio.fail_after(20):
+            async with connect(server.ws_url, token_for(server, "di")) as conn:
+                thread = (await conn.collect("hello", id="first"))[0].raw["thread_id"]
+                async for event in conn.run(story, thread_id=thread, id="story"):
+                    if event.type == "text_delta":
+                        cut = event.raw["run_id"]
+                        break
+            await settle(server.hub)
+            async with connect(server.ws_url, token_for(server, "di")) as conn:
+                events = await conn.collect(story, thread_id=thread, id="story")
+                assert events[-1].type == "agent_completed"
+                answer = events[-1].raw["run_id"]
+                assert answer != cut
+                with pytest.raises(RunRefused) as refused:  # answered now: a duplicate
+                    await conn.collect(story, thread_id=thread, id="story")
+                assert refused.value.raw["run_id"] == answer
+            body = (await server.http.get(f"/api/threads/{thread}", headers=auth(server, "di"))).json()
+            assert [(r["status"], r["cancel_reason"]) for r in body["runs"]] == [
+                ("completed", None), ("cancelled", "disconnect"), ("completed", None),
+            ]  # fmt: skip
+            assert [r["id"] for r in body["runs"]][1:] == [cut, answer]
+
+
+async def test_threads_are_private(any_backend):
+    async with stored_server(any_backend) as server:
         with trio.fail_after(20):
             async with connect(server.ws_url, token_for(server, "owner")) as conn:
                 thread = (await conn.collect("secret plans"))[0].raw["thread_id"]
@@ -148,8 +189,8 @@ async def test_message_ids_are_idempotent_across_processes(backend):
             assert len(listed) == 2
 
 
-async def test_hundred_concurrent_users_each_recorded_once(backend):
-    async with stored_server(backend, max_runs=128) as server:
+async def test_hundred_concurrent_users_each_recorded_once(any_backend):
+    async with stored_server(any_backend, max_runs=128) as server:
         threads: dict[str, str] = {}
 
         async def user(n: int) -> None:

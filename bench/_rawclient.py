@@ -20,9 +20,9 @@ Each worker is one process, one epoll, one thread (``python -m
 bench._rawclient --worker SPEC``), speaking one JSON line per step to its
 parent: ``READY {...}`` after connecting, then on ``GO t_go t_warm t_stop``
 (CLOCK_MONOTONIC, shared by the processes of one machine) it sends every
-connection's first message at ``t_go``, counts the runs completed between
-``t_warm`` and ``t_stop``, sends no new message after ``t_stop``, waits for
-the runs in flight (bounded) and prints ``RESULT {...}``. In ``idle`` mode it
+connection's first message at ``t_go``, counts the frames received and the
+runs completed between ``t_warm`` and ``t_stop``, sends no new message after
+``t_stop``, waits for the runs in flight (bounded) and prints ``RESULT {...}``. In ``idle`` mode it
 only holds its connections open until ``CLOSE``.
 
 ``--io uvloop`` runs the same connection logic on asyncio + uvloop
@@ -135,6 +135,8 @@ class Stats:
         self.runs = 0                  # runs completed (agent_completed) in the window
         self.events = 0                # frames of those runs
         self.lat: list[float] = []     # their send -> agent_completed, seconds
+        self.frames_all = 0            # every run's frames received, all phases
+        self.window_frames = 0         # frames received between t_warm and t_stop (to one poll)
         self.runs_sent = 0             # all phases
         self.runs_completed_all = 0
         self.failed: Counter[str] = Counter()      # terminal events other than agent_completed, refusals
@@ -252,6 +254,7 @@ class Conn:
             self.opening(data[start:end])
             return
         self.frames += 1
+        self.st.frames_all += 1
         if self.verify:
             self.check(data[start:end])
             return
@@ -619,7 +622,8 @@ def _close_all(drv: EpollDriver, timeout_s: float) -> float:
 
 
 def _result(st: Stats, extra: dict[str, Any]) -> dict[str, Any]:
-    return {"runs": st.runs, "events": st.events, "lat": [round(x, 6) for x in st.lat],
+    return {"runs": st.runs, "events": st.events, "window_frames": st.window_frames,
+            "lat": [round(x, 6) for x in st.lat],
             "runs_sent": st.runs_sent, "runs_completed_all": st.runs_completed_all,
             "failed": dict(st.failed), "seq_errors": st.seq_errors,
             "frames_per_run": {str(k): v for k, v in st.frames_per_run.items()},
@@ -650,10 +654,14 @@ def worker_load(spec: dict[str, Any]) -> None:
     for c in conns:
         if c.state == "open":
             c.send_next(now)
-    stop = st.t_stop
+    stop, warm = st.t_stop, st.t_warm
     poll = drv.poll
+    while _monotonic() < warm:
+        poll(max(0.0, min(0.005, warm - _monotonic())))
+    at_warm = st.frames_all
     while _monotonic() < stop:
-        poll(0.02)
+        poll(max(0.0, min(0.005, stop - _monotonic())))
+    st.window_frames = st.frames_all - at_warm
     st.sending = False
     drain_deadline = _monotonic() + spec["drain_timeout_s"]
     while st.in_flight > 0 and drv.conns and _monotonic() < drain_deadline:
@@ -772,7 +780,10 @@ def worker_load_uvloop(spec: dict[str, Any]) -> None:
         for c in conns:
             if c.state == "open":
                 c.send_next(now)
+        await asyncio.sleep(max(0.0, st.t_warm - _monotonic()))
+        at_warm = st.frames_all
         await asyncio.sleep(max(0.0, st.t_stop - _monotonic()))
+        st.window_frames = st.frames_all - at_warm
         st.sending = False
         drain_deadline = _monotonic() + spec["drain_timeout_s"]
         while st.in_flight > 0 and _monotonic() < drain_deadline:

@@ -252,8 +252,14 @@ def measure(server: _servers.Server, connections: int, args: argparse.Namespace,
             w.reap()
     wall = max(b_wall - a_wall, 1e-9)
     lat = [x for r in results for x in r["lat"]]
-    runs = sum(r["runs"] for r in results)
-    events = sum(r["events"] for r in results)
+    runs = sum(r["runs"] for r in results)                  # runs completed in the window
+    events = sum(r["events"] for r in results)              # the frames of those runs
+    frames = sum(r["window_frames"] for r in results)       # every frame received in the window
+    per_run = events / runs if runs else None
+    # Throughput from the frames received in the window, not from the runs completed
+    # in it: with 1000 connections a run can take seconds, runs then complete in waves,
+    # and a count of completed runs is quantized to whole waves (1000 runs at a time).
+    work = frames / per_run if per_run else 0.0
     srv_user, srv_sys = b_srv[0] - a_srv[0], b_srv[1] - a_srv[1]
     srv_cpu = srv_user + srv_sys
     cli = [{"user_s": round(b[0] - a[0], 3), "sys_s": round(b[1] - a[1], 3)} for a, b in zip(a_cli, b_cli)]
@@ -266,7 +272,7 @@ def measure(server: _servers.Server, connections: int, args: argparse.Namespace,
                 out[k] = out.get(k, 0) + v
         return out
 
-    frames = add("frames_per_run")
+    frames_per_run = add("frames_per_run")
     srv_core = core_busy(a_cpus, b_cpus, args.server_cpus)
     cli_core = core_busy(a_cpus, b_cpus, args.client_cpus)
 
@@ -280,17 +286,18 @@ def measure(server: _servers.Server, connections: int, args: argparse.Namespace,
     return {
         "server": server.kind, "connections": connections, "round": round_no, "opened": opened,
         "connect_s": max(r["connect_s"] for r in ready),
-        "window_s": round(wall, 3), "runs": runs, "events": events,
-        "runs_per_s": round(runs / wall, 1), "events_per_s": round(events / wall, 1),
-        "events_per_run": round(events / runs, 2) if runs else None,
+        "window_s": round(wall, 3), "runs_completed_in_window": runs, "events_received_in_window": frames,
+        "runs_per_s": round(work / wall, 1), "events_per_s": round(frames / wall, 1),
+        "completed_runs_per_s": round(runs / wall, 1),
+        "events_per_run": round(per_run, 2) if per_run else None,
         "latency_ms": {"p50": _pct(lat, 50), "p99": _pct(lat, 99), "max": _pct(lat, 100)},
         "server_cpu": {"user_s": round(srv_user, 3), "sys_s": round(srv_sys, 3)},
         "server_busy": round(srv_cpu / wall, 3),
-        "server_us_per_run": round(srv_cpu / runs * 1e6, 1) if runs else None,
-        "server_us_per_event": round(srv_cpu / events * 1e6, 2) if events else None,
+        "server_us_per_run": round(srv_cpu / work * 1e6, 1) if work else None,
+        "server_us_per_event": round(srv_cpu / frames * 1e6, 2) if frames else None,
         "client_cpu": cli,
         "client_busy": round(cli_cpu / wall / len(args.client_cpus), 3),
-        "client_us_per_run": round(cli_cpu / runs * 1e6, 1) if runs else None,
+        "client_us_per_run": round(cli_cpu / work * 1e6, 1) if work else None,
         "server_core": srv_core,
         "client_core": cli_core,
         "server_own": None if srv_core is None else round(srv_cpu / wall + srv_core["irq"] + srv_core["softirq"], 3),
@@ -304,7 +311,7 @@ def measure(server: _servers.Server, connections: int, args: argparse.Namespace,
             "seq_errors": sum(r["seq_errors"] for r in results),
             "failed_runs": add("failed"),
             "unfinished_at_drain": sum(r["unfinished_at_drain"] for r in results),
-            "frames_per_timed_run": frames,
+            "frames_per_timed_run": frames_per_run,
             "errors": add("errors"), "close_codes": add("close_codes"),
             "connect_errors": {k: v for r in ready for k, v in r["errors"].items()},
         },
@@ -420,8 +427,8 @@ def report(out: dict[str, Any]) -> None:
     _log(f"machine: {m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, "
          f"Linux {m['kernel']}")
     src = out["meta"]["netra_source"]
-    _log(f"netra: commit {src.get('commit')}, uncommitted netra files: {len(src.get('uncommitted_netra_files') or [])}"
-         f" ({src['tree']})")
+    _log(f"netra: {src.get('label') or ''} commit {src.get('commit')}, uncommitted netra files: "
+         f"{len(src.get('uncommitted_netra_files') or [])} ({src['tree']})")
     meta = out["meta"]
     _log(f"busy per core before the bench: {meta['busy_per_core_before']}")
     _log(f"server cpus {meta['server_cpus']}, client cpus {meta['client_cpus']} ({meta['client_processes']} client "
@@ -529,7 +536,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "duration_s_total": round(time.time() - started, 1),
             "machine": machine(),
             "busy_per_core_before": quiet,
-            "netra_source": netra_source(args.netra_root or ROOT),
+            "netra_source": netra_source(args.netra_root or ROOT) | ({"label": args.netra_label}
+                                                                      if args.netra_label else {}),
             "servers": args.servers, "connections": args.connections, "rounds": args.rounds,
             "duration_s": args.duration, "warmup_s": args.warmup,
             "server_cpus": sorted(args.server_cpus), "client_cpus": sorted(args.client_cpus),
@@ -562,8 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", default="100,1000", help="comma-separated connection counts (default: 100,1000)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; figures are medians of the rounds (default: 3)")
     p.add_argument("--duration", type=float, default=5.0, help="timed seconds per measurement (default: 5)")
-    p.add_argument("--warmup", type=float, default=1.0,
-                   help="seconds of load before the timed window; these runs are checked in full (default: 1)")
+    p.add_argument("--warmup", type=float, default=2.0,
+                   help="seconds of load before the timed window; these runs are checked in full (default: 2)")
     p.add_argument("--server-cpus", type=_cpus, default=None, help="CPUs of the server (default: 0)")
     p.add_argument("--client-cpus", type=_cpus, default=None, help="CPUs of the client (default: all others)")
     p.add_argument("--client-processes", type=int, default=1, help="client processes (default: 1)")
@@ -574,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-timeout", type=float, default=30.0, help="longest wait for runs in flight at the end")
     p.add_argument("--netra-root", type=Path, default=None,
                    help="run the netra package of this source tree instead of this repository's")
+    p.add_argument("--netra-label", help="what the measured netra is (e.g. the commit of an exported tree); "
+                   "recorded in the JSON and the report")
     p.add_argument("--json", metavar="PATH", help="also write the JSON here")
     args = p.parse_args(argv)
     args.servers = [s for s in args.servers.split(",") if s]

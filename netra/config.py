@@ -37,7 +37,8 @@ class Config:
 
     # -- auth -------------------------------------------------------------
     jwt_secret: str | None = _doc(
-        "HS256 key. Unset: `netra serve` generates one for that run (development mode).",
+        "HS256 key. Unset: `netra serve` uses a development secret kept in data_dir/dev-secret "
+        "(development mode, loopback only).",
         default=None,
         repr=False,
     )
@@ -52,7 +53,8 @@ class Config:
     jwt_issuer: str | None = _doc("Required `iss` claim, when set.", default=None)
     jwt_leeway_s: float = _doc("Clock skew tolerated on `exp`/`nbf`.", default=10.0)
     dev_mode: bool = _doc(
-        "Development mode: set by `netra serve` when it generated its own secret.",
+        "Development mode (hands out /api/dev-token tokens): set by `netra serve` when no key is "
+        "configured; loopback only.",
         default=False,
     )
     auth_timeout_s: float = _doc(

@@ -17,13 +17,14 @@ import trio
 from . import __version__
 from .agents import AgentSet, builtin_agents
 from .agents.runner import RunLimits, agent_tools
-from .auth import TokenVerifier
+from .auth import TokenVerifier, is_loopback
 from .config import Config
-from .limits import BoundedMap, UserState
-from .metrics import Metrics, count_tasks
+from .limits import UserState
 from .flusher import Flusher
+from .metrics import Metrics, count_tasks
 from .models.base import Model
 from .models.scripted import ScriptedModel
+from .runs import Ids
 from .store.base import Store
 from .tools import ToolRegistry, builtin_tools, chaos_tools
 
@@ -37,8 +38,9 @@ class Hub:
     agents: AgentSet
     tools: ToolRegistry
     model: Model
-    store: Store | None
+    store: Store
     metrics: Metrics = attrs.field(factory=Metrics)
+    ids: Ids = attrs.field(factory=Ids)
 
     run_limiter: trio.CapacityLimiter = attrs.field(init=False)
     model_limiter: trio.CapacityLimiter = attrs.field(init=False)
@@ -48,18 +50,17 @@ class Hub:
     users: dict[str, UserState] = attrs.field(factory=dict)
     sessions: set[Any] = attrs.field(factory=set)
     queued_runs: int = 0
-    #: Without a store: recently accepted client message ids, (user, thread,
-    #: id) -> (run_id, thread_id) (a store keeps them itself, for good): the
-    #: most recent 25,000 to 50,000, some 20 MiB at most with thread_owners.
-    accepted_ids: BoundedMap = attrs.field(factory=lambda: BoundedMap(50_000))
-    #: Thread owners when there is no store (a store checks ownership itself).
-    thread_owners: BoundedMap = attrs.field(factory=lambda: BoundedMap(50_000))
     #: Tools every agent may call besides its own (chaos tools, tools given to build()).
     shared_tools: tuple[str, ...] = ()
     draining: bool = False
     store_ready: bool = True
     #: Hands every session's pending events to its transport once per scheduler pass.
     flusher: Flusher = attrs.field(factory=Flusher)
+    # labelled metric children, each looked up once (see count_run)
+    _runs_finished: dict[tuple[str, str], Any] = attrs.field(factory=dict, init=False)
+    _tool_calls: dict[tuple[str, str], Any] = attrs.field(factory=dict, init=False)
+    _tool_duration: dict[str, Any] = attrs.field(factory=dict, init=False)
+    _model_turn: dict[str, Any] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         c = self.config
@@ -77,14 +78,41 @@ class Hub:
         """Gauges read at scrape time from the live objects (nothing to keep in sync)."""
         m = self.metrics
         m.tasks.set_function(count_tasks)
+        m.runs_queued.set_function(lambda: self.queued_runs)
+        m.runs_active.set_function(lambda: self.run_limiter.borrowed_tokens)
         m.outbox_queued.set_function(lambda: sum(s.queued_events() for s in list(self.sessions)))
         m.limiter_borrowed.labels("global").set_function(lambda: self.run_limiter.borrowed_tokens)
         m.limiter_borrowed.labels("model").set_function(lambda: self.model_limiter.borrowed_tokens)
         for name, limiter in self.tool_limiters.items():
             m.limiter_borrowed.labels(f"tool:{name}").set_function(lambda lim=limiter: lim.borrowed_tokens)
-        if self.store is not None:
-            for kind in ("size", "in_use", "waiting", "waits_total"):
-                m.store_pool.labels(kind).set_function(lambda k=kind: getattr(self.store.stats(), k))
+        for kind in ("size", "in_use", "waiting", "waits_total"):
+            m.store_pool.labels(kind).set_function(lambda k=kind: getattr(self.store.stats(), k))
+
+    # labelled metrics on the hot path: each child is looked up once
+
+    def count_run(self, outcome: str, reason: str) -> None:
+        key = (outcome, reason)
+        child = self._runs_finished.get(key)
+        if child is None:
+            child = self._runs_finished[key] = self.metrics.runs_finished.labels(outcome, reason)
+        child.inc()
+
+    def count_tool_call(self, tool: str, outcome: str, seconds: float) -> None:
+        key = (tool, outcome)
+        child = self._tool_calls.get(key)
+        if child is None:
+            child = self._tool_calls[key] = self.metrics.tool_calls.labels(tool, outcome)
+        child.inc()
+        duration = self._tool_duration.get(tool)
+        if duration is None:
+            duration = self._tool_duration[tool] = self.metrics.tool_duration.labels(tool)
+        duration.observe(seconds)
+
+    def model_turn(self, outcome: str) -> Any:
+        child = self._model_turn.get(outcome)
+        if child is None:
+            child = self._model_turn[outcome] = self.metrics.model_turn.labels(outcome)
+        return child
 
     @classmethod
     def build(
@@ -93,17 +121,16 @@ class Hub:
         *,
         agents: AgentSet | None = None,
         model: Model | None = None,
-        store: Store | None | str = "config",
+        store: Store | str = "config",
         extra_tools: Any = (),
     ) -> Hub:
         """Build a hub from config; tests and embedders may pass their own parts."""
+        if config.dev_mode and not is_loopback(config.host):
+            raise ValueError(f"development mode listens only on loopback, not on {config.host!r}")
         if store == "config":
-            if (config.database_url or "").lower() == "none":
-                store = None
-            else:
-                from .store import open_store
+            from .store import open_store
 
-                store = open_store(config)
+            store = open_store(config)
         agents = agents or _load_agents(config)
         tools = [*builtin_tools(), *agents.inline_tools(), *extra_tools]
         if config.chaos_tools:
@@ -120,12 +147,10 @@ class Hub:
 
     async def open(self) -> None:
         """Open what the hub holds that needs it (the store: connect, migrate)."""
-        if self.store is not None:
-            await self.store.open()
+        await self.store.open()
 
     async def aclose(self) -> None:
-        if self.store is not None:
-            await self.store.aclose()
+        await self.store.aclose()
         aclose = getattr(self.model, "aclose", None)  # a provider's HTTP client
         if aclose is not None:
             await aclose()

@@ -10,16 +10,10 @@ arrives (queue caps), so a refused run gets ``busy`` before any event of it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import attrs
 import trio
-
-K = TypeVar("K")
-V = TypeVar("V")
-
 
 @attrs.define(eq=False)
 class TokenBucket:
@@ -91,13 +85,12 @@ class UserState:
             del self.threads[thread_id]
 
 
-@asynccontextmanager
 async def acquire_all(
     owner: object, limiters: list[trio.CapacityLimiter], on_wait: Any
-) -> AsyncIterator[None]:
-    """Acquire ``limiters`` in order on behalf of ``owner``; before blocking on
-    one, ``on_wait(limiter)`` (which announces the wait). Everything
-    acquired is released on exit, including after cancellation while waiting."""
+) -> list[trio.CapacityLimiter]:
+    """Acquire ``limiters`` in order on behalf of ``owner`` and return them;
+    before blocking on one, ``on_wait(limiter)`` (which announces the wait).
+    If this is cancelled while waiting, what it acquired is released."""
     held: list[trio.CapacityLimiter] = []
     try:
         for limiter in limiters:
@@ -107,41 +100,17 @@ async def acquire_all(
                 on_wait(limiter)
                 await limiter.acquire_on_behalf_of(owner)
             held.append(limiter)
-        yield
-    finally:
-        for limiter in reversed(held):
-            limiter.release_on_behalf_of(owner)
+    except BaseException:
+        release_all(owner, held)
+        raise
+    return held
+
+
+def release_all(owner: object, held: list[trio.CapacityLimiter]) -> None:
+    for limiter in reversed(held):
+        limiter.release_on_behalf_of(owner)
+    held.clear()
 
 
 def all_available(limiters: list[trio.CapacityLimiter]) -> bool:
     return all(limiter.available_tokens > 0 for limiter in limiters)
-
-
-@attrs.define(eq=False)
-class BoundedMap(Generic[K, V]):
-    """A mapping that remembers the most recent ``size / 2`` to ``size``
-    entries (idempotency keys): two generations of plain dicts, the older
-    dropped whole when the newer fills. Half the memory of an ordered map
-    evicting one entry at a time, and freed in bulk, so a server's memory
-    levels off instead of fragmenting."""
-
-    size: int
-    _new: dict[K, V] = attrs.field(factory=dict)
-    _old: dict[K, V] = attrs.field(factory=dict)
-
-    def get(self, key: K) -> V | None:
-        value = self._new.get(key)
-        return value if value is not None else self._old.get(key)
-
-    def __setitem__(self, key: K, value: V) -> None:
-        self._old.pop(key, None)
-        self._new[key] = value
-        if len(self._new) >= max(1, self.size // 2):
-            self._old, self._new = self._new, {}
-
-    def pop(self, key: K) -> V | None:
-        value = self._new.pop(key, None)
-        return value if value is not None else self._old.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self._new) + len(self._old)

@@ -1,35 +1,56 @@
-"""One run, from an accepted ``user_message`` to exactly one terminal event.
+"""Runs: one run's state machine, and the table of a session's runs.
 
-A run is a task in its connection's nursery with its own cancel scope. It
-records its user message before any event (so a refused message, e.g. a
-thread that is not the user's, gets an ``error`` and no run events), waits
-its turn on the thread and for capacity (announcing ``run_queued``), runs the
-agent loop under the run timeout, and always ends with one terminal event
-while the socket is there, and one recorded outcome (even when the connection
-is gone, in a shielded, bounded scope).
+A :class:`RunTable` belongs to one session. It admits a ``user_message``
+(routing, the thread's multitask rule, queue caps) synchronously, so a
+refused message gets its ``error`` before any event of a run; it starts
+each run as a task in the session's nursery; it cancels runs; and when a
+run ends it releases everything the run held and counts how it ended
+(failure containment). It knows nothing of sockets: its events go to an
+:class:`EventSink`, which the connection implements.
+
+A run records its user message before any event, waits its turn on the
+thread and for capacity (announcing ``run_queued``), runs the agent loop
+under the run timeout, records its outcome, and only then sends its one
+terminal event; its capacity is held until that event is out of its hands.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import secrets
 import time
-import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 import trio
 
-from .agents import Agent
+from . import errors
+from .agents import Agent, route
 from .agents.runner import AgentLoop
-from .agents.supervisor import choose_agent
-from .errors import InternalError, NetraError, RunTimeout
-from .limits import acquire_all
+from .agents.supervisor import choose_agent, model_routes
+from .errors import Busy, InternalError, NetraError, NotFound, RunInProgress, RunTimeout
+from .limits import acquire_all, all_available, release_all
 from .models.base import ChatMessage
-from .protocol import AgentCancelled, AgentCompleted, AgentError, AgentStarted, Error, RunQueued
+from .protocol import (
+    TERMINAL,
+    AgentCancelled,
+    AgentCompleted,
+    AgentError,
+    AgentStarted,
+    AgentThinking,
+    Error,
+    Event,
+    RunEvent,
+    RunQueued,
+    UserMessage,
+)
 from .store.base import RunOutcome, RunStart
 
 if TYPE_CHECKING:
-    from .session import Session
+    from .hub import Hub
+    from .limits import UserState
+    from .store.base import ToolCallRecord
 
 log = logging.getLogger("netra.runs")
 
@@ -41,8 +62,29 @@ SERVER = "server"
 REQUESTED_ENDINGS = frozenset({"client", "interrupted", "shutdown"})
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+class Ids:
+    """Unique ids for one process: a random prefix and a counter.
+
+    As unique as uuid4 across processes and restarts (48 random bits per
+    process, then a counter), at a fraction of its cost; they are names, not
+    secrets (ownership is always checked against the user)."""
+
+    __slots__ = ("_prefix", "_n")
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(6)
+        self._n = 0
+
+    def new(self, kind: str) -> str:
+        self._n += 1
+        return f"{kind}_{self._prefix}{self._n:08x}"
+
+
+class EventSink(Protocol):
+    """Where a run table's events go: the session's connection."""
+
+    def send(self, event: Event) -> None:
+        """Queue an event for the client; never blocks."""
 
 
 @attrs.define(eq=False, kw_only=True)
@@ -54,10 +96,10 @@ class Run:
     agent: Agent
     text: str
     client_id: str | None
-    #: The agent the message named (None: the supervisor chooses).
+    message_id: str
+    user_message_id: str
+    #: The agent the message named (None: the supervisor may choose).
     requested_agent: str | None = None
-    message_id: str = attrs.field(factory=lambda: new_id("msg"))
-    user_message_id: str = attrs.field(factory=lambda: new_id("msg"))
     received_at: float = attrs.field(factory=trio.current_time)
     cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     cancel_reason: str | None = None
@@ -69,11 +111,10 @@ class Run:
     announced: bool = False  # run_queued or agent_started was sent
     started: bool = False  # agent_started was sent
     thought: bool = False  # an agent_thinking was sent
-    #: The idempotency key this run holds in the hub's memory, if any.
-    id_key: tuple[str, str, str] | None = None
     terminal: str | None = None  # type of the terminal event sent, if any
     executing: bool = False
     pending: bool = True  # counted in the queue until it executes
+    exec_started: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -91,215 +132,381 @@ class Run:
         self.cancel_scope.cancel()
 
 
-async def execute(session: Session, run: Run) -> None:
-    """The body of a run's task."""
-    hub, user = session.hub, session.user
-    config, metrics, store = hub.config, hub.metrics, hub.store
-    thread = user.thread(run.thread_id)
-    loop: AgentLoop | None = None
-    recorded = False
-    failure: NetraError | None = None
-    completed: AgentCompleted | None = None
-    started_at = time.time()
-    exec_started: float | None = None
-    try:
-        with run.cancel_scope:
-            try:
-                # a real model may route better than the rules the session used
-                run.agent = await choose_agent(
-                    hub.model, hub.agents, run.text, run.requested_agent,
-                    timeout_s=config.model_first_chunk_timeout_s, limiter=hub.model_limiter,
-                )
-                if store is not None:
-                    begun = await store.begin_run(
-                        RunStart(
-                            run_id=run.id,
-                            thread_id=None if run.new_thread else run.thread_id,
-                            new_thread_id=run.thread_id,
-                            user_id=run.user_id,
-                            agent=run.agent.name,
-                            text=run.text,
-                            user_message_id=run.user_message_id,
-                            client_id=run.client_id,
-                            started_at=started_at,
-                        )
-                    )
-                    if begun.duplicate_of is not None:
-                        raise _duplicate(begun.duplicate_of, begun.thread.id, run)
-                    recorded = True
+@attrs.define(eq=False)
+class RunTable:
+    """The runs of one session, from admission to their last release."""
 
-                def announce(limiter: trio.CapacityLimiter | None) -> None:
-                    if limiter is None:
-                        position = len(thread.waiting)
-                    else:
-                        position = limiter.statistics().tasks_waiting + 1
-                        metrics.limiter_waits.labels(session.limiter_name(limiter)).inc()
-                    session.emit(run, RunQueued(
-                        run_id=run.id, thread_id=run.thread_id, position=position, ref=run.client_id
+    hub: Hub
+    user: UserState
+    sink: EventSink
+    runs: dict[str, Run] = attrs.field(factory=dict)
+    #: Runs whose events this session may carry (the sink's isolation check).
+    owned: set[str] = attrs.field(factory=set)
+    limiter: trio.CapacityLimiter = attrs.field(init=False)
+    idle: trio.Event = attrs.field(factory=trio.Event)
+    nursery: trio.Nursery | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.limiter = trio.CapacityLimiter(self.hub.config.max_runs_per_connection)
+        self.idle.set()
+
+    # -- admission ------------------------------------------------------------
+
+    def start(self, msg: UserMessage) -> Run:
+        """Admit a message and start its run; NetraError when refused."""
+        hub, c, user = self.hub, self.hub.config, self.user
+        if hub.draining:
+            raise Busy("the server is shutting down", retry_after_ms=int(c.drain_grace_s * 1000))
+        agent = route(hub.agents, msg.text, msg.agent)
+        new_thread = msg.thread_id is None
+        ids = hub.ids
+        thread_id = msg.thread_id or ids.new("thr")
+        thread = user.thread(thread_id)
+        multitask = msg.multitask or c.default_multitask
+        if thread.busy:
+            if multitask == "reject":
+                active = thread.active or thread.waiting[0]
+                raise RunInProgress("this thread has a run in progress", run_id=active.id, thread_id=thread_id)
+            if multitask == "interrupt":
+                for other in [thread.active, *thread.waiting]:
+                    if other is not None:
+                        other.cancel("interrupted", by=user.user_id)
+        if thread.busy or not all_available(self._limiters()):
+            if user.pending >= c.max_queued_runs_per_user or hub.queued_runs >= c.max_queued_runs:
+                user.release_thread(thread_id)
+                raise Busy("capacity is full; try again shortly", retry_after_ms=1000)
+        run = Run(
+            id=ids.new("run"), thread_id=thread_id, new_thread=new_thread, user_id=user.user_id,
+            agent=agent, text=msg.text, client_id=msg.id, requested_agent=msg.agent,
+            message_id=ids.new("msg"), user_message_id=ids.new("msg"),
+        )
+        self.runs[run.id] = run
+        self.owned.add(run.id)
+        if self.idle.is_set():
+            self.idle = trio.Event()
+        user.runs.add(run)
+        thread.waiting.append(run)
+        user.pending += 1
+        hub.queued_runs += 1
+        assert self.nursery is not None
+        self.nursery.start_soon(self._execute, run, name="netra.runs.execute")
+        return run
+
+    def _limiters(self) -> list[trio.CapacityLimiter]:
+        return [self.limiter, self.user.run_limiter, self.hub.run_limiter]
+
+    def limiter_name(self, limiter: trio.CapacityLimiter) -> str:
+        if limiter is self.limiter:
+            return "connection"
+        if limiter is self.user.run_limiter:
+            return "user"
+        return "global"
+
+    # -- cancelling -----------------------------------------------------------
+
+    def cancel(self, *, run_id: str | None, thread_id: str | None, by: str) -> None:
+        """A client's cancel: only this session's runs (their agent_cancelled
+        is the answer, and it goes to the session that started them)."""
+        if run_id is not None:
+            targets = [r for r in (self.runs.get(run_id),) if r is not None]
+        else:
+            targets = [r for r in self.runs.values() if r.thread_id == thread_id]
+        if not targets:
+            raise NotFound("no such run in progress")
+        for run in targets:
+            run.cancel("client", by=by)
+
+    def cancel_all(self, reason: str, *, by: str, cause: str) -> None:
+        for run in list(self.runs.values()):
+            run.cancel(reason, by=by, cause=cause)
+
+    # -- events ---------------------------------------------------------------
+
+    def emit(self, run: Run, event: RunEvent) -> None:
+        """Queue an event of ``run``, keeping the run's event rules: nothing
+        after the terminal event, and agent_started before anything else."""
+        if run.terminal is not None:
+            return
+        if not run.announced:
+            run.announced = True
+            self.hub.metrics.time_to_first_event.observe(trio.current_time() - run.received_at)
+        kind = event.type
+        if kind in TERMINAL:
+            # every run has the same shape, even one that ended before its
+            # model said anything (or before it left the queue)
+            if not run.started:
+                self.emit(run, AgentStarted(
+                    run_id=run.id, thread_id=run.thread_id, agent=run.agent.name,
+                    message_id=run.message_id, ref=run.client_id,
+                ))
+            if not run.thought:
+                self.emit(run, AgentThinking(
+                    run_id=run.id, thread_id=run.thread_id, agent=run.agent.name, text="", step=1
+                ))
+            run.terminal = kind
+        elif kind == "agent_started":
+            run.started = True
+        elif kind == "agent_thinking":
+            run.thought = True
+        self.sink.send(event)
+
+    # -- one run ------------------------------------------------------------------
+
+    async def _execute(self, run: Run) -> None:
+        """The body of a run's task."""
+        hub = self.hub
+        config, store = hub.config, hub.store
+        thread = self.user.thread(run.thread_id)
+        loop: AgentLoop | None = None
+        recorded = False
+        failure: NetraError | None = None
+        completed: AgentCompleted | None = None
+        held: list[trio.CapacityLimiter] = []
+        has_thread = False
+        started_at = time.time()
+        scope = run.cancel_scope
+        try:
+            with scope:
+                try:
+                    if model_routes(hub.model, hub.agents, run.requested_agent):
+                        # a real model may route better than the rules did
+                        run.agent = await choose_agent(
+                            hub.model, hub.agents, run.text, None,
+                            timeout_s=config.model_first_chunk_timeout_s, limiter=hub.model_limiter,
+                        )
+                    begun = await store.begin_run(RunStart(
+                        run_id=run.id,
+                        thread_id=None if run.new_thread else run.thread_id,
+                        new_thread_id=run.thread_id,
+                        user_id=run.user_id,
+                        agent=run.agent.name,
+                        text=run.text,
+                        user_message_id=run.user_message_id,
+                        client_id=run.client_id,
+                        started_at=started_at,
                     ))
+                    if begun.duplicate_of is not None:
+                        raise errors.BadRequest(
+                            f"message id {run.client_id!r} was already accepted on this thread",
+                            run_id=begun.duplicate_of, thread_id=begun.thread.id,
+                        )
+                    recorded = True
+                    lock = thread.lock
+                    try:
+                        lock.acquire_nowait()
+                    except trio.WouldBlock:
+                        self._announce(run, None)
+                        await lock.acquire()
+                    has_thread = True
+                    held = await acquire_all(run, self._limiters(), lambda lim: self._announce(run, lim))
+                    thread.waiting.remove(run)
+                    thread.active = run
+                    self._executing(run)
+                    self.emit(run, AgentStarted(
+                        run_id=run.id, thread_id=run.thread_id, agent=run.agent.name,
+                        message_id=run.message_id, ref=run.client_id,
+                    ))
+                    loop = AgentLoop(
+                        run_id=run.id,
+                        thread_id=run.thread_id,
+                        message_id=run.message_id,
+                        agent=run.agent,
+                        model=hub.model,
+                        tools=hub.agent_tools[run.agent.name],
+                        specs=hub.agent_specs[run.agent.name],
+                        limits=hub.run_limits(run.agent),
+                        emit=lambda event: self.emit(run, event),
+                        model_limiter=hub.model_limiter,
+                        tool_limiters=hub.tool_limiters,
+                        on_tool_call=self._count_tool_call,
+                        on_model_turn=self._count_model_turn,
+                    )
+                    # the run's own cancel scope carries its timeout too
+                    timeout = run.agent.timeout_s or config.run_timeout_s
+                    scope.deadline = run.exec_started + timeout if math.isfinite(timeout) else math.inf
+                    history = await self._history(run)
+                    text = await loop.execute(history, run.text)
+                    _count_tokens(hub, loop)
+                    completed = AgentCompleted(
+                        run_id=run.id, thread_id=run.thread_id, message_id=run.message_id,
+                        text=text, usage=dict(loop.usage), agent=run.agent.name,
+                        duration_ms=_ms_since(run.exec_started),
+                    )
+                except NetraError as exc:
+                    failure = exc
+                except Exception:
+                    log.exception("run %s failed unexpectedly", run.id)
+                    failure = InternalError("internal error")
+            cancelled = scope.cancelled_caught and run.cancel_reason is not None
+            if scope.cancelled_caught and not cancelled and failure is None:
+                failure = RunTimeout(f"the run exceeded its {run.agent.timeout_s or config.run_timeout_s:g}s limit")
+            if failure is not None and not cancelled:
+                run.cause = failure.code
+            # the outcome is stored before the terminal event is sent, so a
+            # client that reads the thread on agent_completed finds it there
+            if cancelled:
+                ending = "agent_cancelled"
+            elif failure is not None:
+                ending = "agent_error"
+            else:
+                ending = "agent_completed"
+            if recorded:
+                recorded = False
+                await self._record_outcome(run, loop, failure, ending)
+            if ending == "agent_cancelled":
+                self.emit(run, AgentCancelled(
+                    run_id=run.id, thread_id=run.thread_id, reason=run.cancel_reason or "client"
+                ))
+            elif ending == "agent_error":
+                assert failure is not None
+                log.info(
+                    "run failed: %s", failure.message,
+                    extra={"run_id": run.id, "user_id": run.user_id, "code": failure.code},
+                )
+                self._report_failure(run, failure)
+            else:
+                self.emit(run, completed)  # type: ignore[arg-type]
+        finally:
+            # the slot covers the run until its terminal event is queued
+            release_all(run, held)
+            if has_thread:
+                thread.lock.release()
+            self._ended(run)
+            if recorded:  # torn down with its session: no terminal event to send
+                await self._record_outcome(run, loop, failure, None)
 
-                if thread.active is not None or thread.lock.locked():
-                    announce(None)
-                async with thread.lock:
-                    limiters = [session.run_limiter, user.run_limiter, hub.run_limiter]
-                    async with acquire_all(run, limiters, announce):
-                        thread.waiting.remove(run)
-                        thread.active = run
-                        _start_executing(session, run)
-                        exec_started = trio.current_time()
-                        session.emit(run, AgentStarted(
-                            run_id=run.id, thread_id=run.thread_id, agent=run.agent.name,
-                            message_id=run.message_id, ref=run.client_id,
-                        ))
-                        loop = AgentLoop(
-                            run_id=run.id,
-                            thread_id=run.thread_id,
-                            message_id=run.message_id,
-                            agent=run.agent,
-                            model=hub.model,
-                            tools=hub.agent_tools[run.agent.name],
-                            specs=hub.agent_specs[run.agent.name],
-                            limits=hub.run_limits(run.agent),
-                            emit=lambda event: session.emit(run, event),
-                            model_limiter=hub.model_limiter,
-                            tool_limiters=hub.tool_limiters,
-                            on_tool_call=session.count_tool_call,
-                            on_model_turn=session.count_model_turn,
-                        )
-                        timeout = run.agent.timeout_s or config.run_timeout_s
-                        try:
-                            with trio.fail_after(timeout):
-                                history = await _history(session, run)
-                                text = await loop.execute(history, run.text)
-                        except trio.TooSlowError:
-                            raise RunTimeout(f"the run exceeded its {timeout:g}s limit") from None
-                        _count_tokens(session, loop)
-                        completed = AgentCompleted(
-                            run_id=run.id, thread_id=run.thread_id, message_id=run.message_id,
-                            text=text, usage=dict(loop.usage), agent=run.agent.name,
-                            duration_ms=_ms_since(exec_started),
-                        )
-            except NetraError as exc:
-                failure = exc
-            except Exception:
-                log.exception("run %s failed unexpectedly", run.id)
-                failure = InternalError("internal error")
-        if failure is not None and run.cancel_reason is None:
-            run.cause = failure.code
-        # the outcome is stored before the terminal event is sent, so a client
-        # that reads the thread on agent_completed finds the answer there
-        if run.cancel_scope.cancelled_caught:
-            ending = "agent_cancelled"
-        elif failure is not None:
-            ending = "agent_error"
+    def _announce(self, run: Run, limiter: trio.CapacityLimiter | None) -> None:
+        if limiter is None:
+            position = len(self.user.thread(run.thread_id).waiting)
         else:
-            ending = "agent_completed"
-        if recorded:
-            recorded = False
-            await _record_outcome(session, run, loop, failure, exec_started, ending)
-        if ending == "agent_cancelled":
-            session.emit(run, AgentCancelled(
-                run_id=run.id, thread_id=run.thread_id, reason=run.cancel_reason or "client"
+            position = limiter.statistics().tasks_waiting + 1
+            self.hub.metrics.limiter_waits.labels(self.limiter_name(limiter)).inc()
+        self.emit(run, RunQueued(run_id=run.id, thread_id=run.thread_id, position=position, ref=run.client_id))
+
+    def _report_failure(self, run: Run, failure: NetraError) -> None:
+        if run.announced:
+            self.emit(run, AgentError(
+                run_id=run.id, thread_id=run.thread_id, code=failure.code,
+                message=failure.message, retryable=failure.retryable,
             ))
-        elif ending == "agent_error":
-            log.info(
-                "run failed: %s", failure.message,
-                extra={"run_id": run.id, "user_id": run.user_id, "connection_id": session.connection_id,
-                       "code": failure.code},
-            )
-            await _report_failure(session, run, failure)
-        else:
-            session.emit(run, completed)
-    finally:
-        session.run_ended(run, exec_started)
-        if recorded:  # torn down with its connection: no terminal event to send
-            await _record_outcome(session, run, loop, failure, exec_started, None)
+        else:  # refused before it started: no run events, an error for the message
+            self.sink.send(Error(
+                code=failure.code, message=failure.message, ref=run.client_id,
+                run_id=failure.extra.get("run_id"), thread_id=failure.extra.get("thread_id"),
+            ))
+
+    async def _history(self, run: Run) -> list[ChatMessage]:
+        window = self.hub.config.history_window
+        if run.new_thread or window <= 0:
+            return []
+        stored = await self.hub.store.history(run.thread_id, limit=window + 1)
+        # the last stored message is this run's own user message
+        return [
+            ChatMessage(role=m.role, content=m.text)
+            for m in stored
+            if m.id != run.user_message_id and m.text
+        ][-window:]
+
+    async def _record_outcome(
+        self, run: Run, loop: AgentLoop | None, failure: NetraError | None, ending: str | None
+    ) -> None:
+        """Record how the run ended, even while its session is being torn down."""
+        match ending:
+            case "agent_completed":
+                status = "completed"
+            case "agent_error":
+                status = "failed"
+            case _:  # cancelled, or torn down with its session before any terminal event
+                status = "failed" if failure is not None and run.cancel_reason is None else "cancelled"
+        outcome = RunOutcome(
+            run_id=run.id,
+            thread_id=run.thread_id,
+            status=status,
+            ended_at=time.time(),
+            duration_ms=_ms_since(run.exec_started) if run.exec_started is not None else 0,
+            answer_message_id=run.message_id,
+            answer_text=loop.text if loop else "",
+            usage=dict(loop.usage) if loop else {},
+            error_code=failure.code if failure and status == "failed" else None,
+            cancel_reason=(run.cancel_reason or "disconnect") if status == "cancelled" else None,
+            tool_calls=tuple(loop.tool_calls) if loop else (),
+        )
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.hub.config.store_timeout_s):
+                try:
+                    await self.hub.store.finish_run(outcome)
+                except NetraError as exc:  # store down, or the thread deleted meanwhile
+                    log.warning("could not record the outcome of run %s: %s", run.id, exc.message)
+
+    # -- bookkeeping --------------------------------------------------------------
+
+    def _executing(self, run: Run) -> None:
+        run.executing = True
+        run.exec_started = trio.current_time()
+        self._unqueue(run)
+
+    def _unqueue(self, run: Run) -> None:
+        if run.pending:
+            run.pending = False
+            self.user.pending -= 1
+            self.hub.queued_runs -= 1
+
+    def _ended(self, run: Run) -> None:
+        hub, m = self.hub, self.hub.metrics
+        self._unqueue(run)
+        if run.executing and run.exec_started is not None:
+            m.run_duration.observe(trio.current_time() - run.exec_started)
+        outcome = {"agent_completed": "completed", "agent_error": "failed"}.get(run.terminal or "", "cancelled")
+        if run.terminal is None and run.cancel_reason is None and not run.announced:
+            outcome = "refused"
+        hub.count_run(outcome, run.cause or "")
+        self._count_containment(run, outcome)
+        user = self.user
+        thread = user.threads.get(run.thread_id)
+        if thread is not None:
+            if thread.active is run:
+                thread.active = None
+            if run in thread.waiting:
+                thread.waiting.remove(run)
+        user.runs.discard(run)
+        user.release_thread(run.thread_id)
+        self.runs.pop(run.id, None)
+        if run.terminal is None:
+            self.owned.discard(run.id)
+        if not self.runs:
+            self.idle.set()
+        hub.forget_user_if_idle(user)
+
+    def _count_containment(self, run: Run, outcome: str) -> None:
+        """Failure containment: every run that did not complete is charged to
+        its own user (``runs_failed``) or, when the cause came from outside
+        that user and the operator, counted as affected (must stay 0)."""
+        m = self.hub.metrics
+        if outcome == "failed":
+            m.runs_failed.labels(run.cause or "internal_error").inc()
+        elif outcome == "cancelled":
+            if run.cancel_reason is None:  # torn down from outside, no one asked
+                m.runs_affected.labels("unrequested").inc()
+            elif run.cancelled_by not in (run.user_id, SERVER):
+                m.runs_affected.labels("other_user").inc()
+            elif run.cause not in REQUESTED_ENDINGS:
+                m.runs_failed.labels(run.cause or "disconnect").inc()
+
+    def _count_tool_call(self, record: ToolCallRecord, outcome: str) -> None:
+        self.hub.count_tool_call(record.name, outcome, record.duration_ms / 1000)
+
+    def _count_model_turn(self, outcome: str, first: float | None, total: float) -> None:
+        m = self.hub.metrics
+        self.hub.model_turn(outcome).observe(total)
+        if first is not None:
+            m.model_first_event.observe(first)
 
 
-def _start_executing(session: Session, run: Run) -> None:
-    run.executing = True
-    session.unqueue(run)
-    session.hub.metrics.runs_active.inc()
-
-
-async def _report_failure(session: Session, run: Run, failure: NetraError) -> None:
-    if run.announced:
-        session.emit(run, AgentError(
-            run_id=run.id, thread_id=run.thread_id, code=failure.code,
-            message=failure.message, retryable=failure.retryable,
-        ))
-    else:  # refused before it started: no run events, an error for the message
-        session.send(Error(
-            code=failure.code, message=failure.message, ref=run.client_id,
-            run_id=failure.extra.get("run_id"), thread_id=failure.extra.get("thread_id"),
-        ))
-
-
-def _duplicate(original_run_id: str, thread_id: str, run: Run) -> NetraError:
-    from .errors import BadRequest
-
-    return BadRequest(
-        f"message id {run.client_id!r} was already accepted on this thread",
-        run_id=original_run_id, thread_id=thread_id,
-    )
-
-
-async def _history(session: Session, run: Run) -> list[ChatMessage]:
-    store = session.hub.store
-    window = session.hub.config.history_window
-    if store is None or run.new_thread or window <= 0:
-        return []
-    stored = await store.history(run.thread_id, limit=window + 1)
-    # the last stored message is this run's own user message
-    return [
-        ChatMessage(role=m.role, content=m.text)
-        for m in stored
-        if m.id != run.user_message_id and m.text
-    ][-window:]
-
-
-def _count_tokens(session: Session, loop: AgentLoop) -> None:
+def _count_tokens(hub: Hub, loop: AgentLoop) -> None:
     for kind, value in loop.usage.items():
         if value:
-            session.hub.metrics.model_tokens.labels(kind).inc(value)
+            hub.metrics.model_tokens.labels(kind).inc(value)
 
 
-async def _record_outcome(
-    session: Session,
-    run: Run,
-    loop: AgentLoop | None,
-    failure: NetraError | None,
-    exec_started: float | None,
-    ending: str | None,
-) -> None:
-    """Record how the run ended, even while its connection is being torn down."""
-    match ending:
-        case "agent_completed":
-            status = "completed"
-        case "agent_error":
-            status = "failed"
-        case _:  # cancelled, or torn down with its connection before any terminal event
-            status = "failed" if failure is not None and run.cancel_reason is None else "cancelled"
-    outcome = RunOutcome(
-        run_id=run.id,
-        thread_id=run.thread_id,
-        status=status,
-        ended_at=time.time(),
-        duration_ms=_ms_since(exec_started) if exec_started is not None else 0,
-        answer_message_id=run.message_id,
-        answer_text=loop.text if loop else "",
-        usage=dict(loop.usage) if loop else {},
-        error_code=failure.code if failure and status == "failed" else None,
-        cancel_reason=(run.cancel_reason or "disconnect") if status == "cancelled" else None,
-        tool_calls=tuple(loop.tool_calls) if loop else (),
-    )
-    with trio.CancelScope(shield=True):
-        with trio.move_on_after(session.hub.config.store_timeout_s):
-            try:
-                await session.hub.store.finish_run(outcome)
-            except NetraError as exc:  # store down, or the thread deleted meanwhile
-                log.warning("could not record the outcome of run %s: %s", run.id, exc.message)
-
-
-def _ms_since(t0: float) -> int:
-    return round((trio.current_time() - t0) * 1000)
+def _ms_since(t0: float | None) -> int:
+    return round((trio.current_time() - t0) * 1000) if t0 is not None else 0

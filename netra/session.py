@@ -22,20 +22,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
 from . import errors
-from .agents import route
 from .auth import Identity
-from .errors import Busy, NetraError, NotFound, RunInProgress
-from .limits import TokenBucket, all_available
+from .errors import NetraError
+from .limits import TokenBucket
 from .protocol import (
     TERMINAL,
-    AgentThinking,
     Auth,
     Cancel,
     Connected,
@@ -50,13 +47,12 @@ from .protocol import (
     error_event,
     parse_client_message,
 )
-from .runs import REQUESTED_ENDINGS, SERVER, Run, execute, new_id
+from .runs import RunTable
 from .transport import Transport
 
 if TYPE_CHECKING:
     from .hub import Hub
     from .limits import UserState
-    from .store.base import ToolCallRecord
 
 log = logging.getLogger("netra.session")
 
@@ -67,11 +63,9 @@ class Session:
     transport: Transport
     identity: Identity
     user: UserState
-    connection_id: str = attrs.field(factory=lambda: f"conn_{uuid.uuid4().hex[:20]}")
-    runs: dict[str, Run] = attrs.field(factory=dict)
-    #: Runs whose events this connection may carry: the isolation check of the flush.
-    _owned: set[str] = attrs.field(factory=set)
-    run_limiter: trio.CapacityLimiter = attrs.field(init=False)
+    connection_id: str = attrs.field(init=False)
+    #: This session's runs (admission, cancel, ending): see netra.runs.
+    runs: RunTable = attrs.field(init=False)
     bucket: TokenBucket = attrs.field(init=False)
     seq: int = 0
     bad_frames: int = 0
@@ -83,15 +77,14 @@ class Session:
     #: While the transport is behind: run id -> index of its last pending text_delta.
     _merge: dict[str, int] = attrs.field(factory=dict)
     _nursery: trio.Nursery | None = None
-    _runs_idle: trio.Event = attrs.field(factory=trio.Event)
     _received_all: trio.Event = attrs.field(factory=trio.Event)
     _expires_at: float = math.inf  # trio time at which the token's grace ends
 
     def __attrs_post_init__(self) -> None:
         c = self.hub.config
-        self.run_limiter = trio.CapacityLimiter(c.max_runs_per_connection)
+        self.connection_id = self.hub.ids.new("conn")
+        self.runs = RunTable(self.hub, self.user, self)
         self.bucket = TokenBucket(c.rate_per_s, c.rate_burst)
-        self._runs_idle.set()
         self.transport.on_stalled = self.slow_consumer
         self.transport.on_drained = self._drained
         self._watch_expiry()
@@ -108,7 +101,7 @@ class Session:
         log.info("connection opened", extra=ids)
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
+                self._nursery = self.runs.nursery = nursery
                 self.transport.start(nursery)
                 self.send(Connected(
                     connection_id=self.connection_id,
@@ -139,8 +132,7 @@ class Session:
             return
         self.closing = True
         self.close_code = code
-        for run in list(self.runs.values()):
-            run.cancel(cancel_reason, by=by or self.identity.user_id, cause=cause)
+        self.runs.cancel_all(cancel_reason, by=by or self.identity.user_id, cause=cause)
         self._nursery.start_soon(self._close_sequence, code, reason)
 
     async def _close_sequence(self, code: int | None, reason: str) -> None:
@@ -149,7 +141,7 @@ class Session:
         answer it, after which the connection is cut."""
         transport = self.transport
         with trio.move_on_after(self.hub.config.close_timeout_s) as waited:
-            await self._runs_idle.wait()
+            await self.runs.idle.wait()
             self.flush()
             if code is not None:
                 transport.send_close(code, reason)
@@ -217,7 +209,7 @@ class Session:
         events, self._pending = self._pending, []
         self._merge.clear()
         ts = int(time.time() * 1000)
-        owned = self._owned
+        owned = self.runs.owned
         seq = self.seq
         payloads = []
         for item in events:
@@ -253,31 +245,6 @@ class Session:
 
     def _close_flooding(self) -> None:
         self.close(errors.CLOSE_TOO_MANY, "message rate exceeded", cause="rate_limited")
-
-    def emit(self, run: Run, event: RunEvent) -> None:
-        """Queue an event of ``run``, keeping the run's event rules: nothing
-        after the terminal event, and agent_started before anything else."""
-        if run.terminal is not None:
-            return
-        if not run.announced:
-            run.announced = True
-            self.hub.metrics.time_to_first_event.observe(trio.current_time() - run.received_at)
-        kind = event.type
-        if kind in TERMINAL:
-            # every run has the same shape, even one that ended before its
-            # model said anything (or before it left the queue)
-            if not run.started:
-                self.emit(run, _started_for(run))
-            if not run.thought:
-                self.emit(run, AgentThinking(
-                    run_id=run.id, thread_id=run.thread_id, agent=run.agent.name, text="", step=1
-                ))
-            run.terminal = kind
-        elif kind == "agent_started":
-            run.started = True
-        elif kind == "agent_thinking":
-            run.thought = True
-        self.send(event)
 
     # -- incoming -----------------------------------------------------------------
 
@@ -336,9 +303,9 @@ class Session:
             case Ping(id=ping_id):
                 self.send(Pong(id=ping_id))
             case UserMessage():
-                self._start_run(message)
-            case Cancel():
-                self._cancel(message)
+                self.runs.start(message)
+            case Cancel(run_id=run_id, thread_id=thread_id):
+                self.runs.cancel(run_id=run_id, thread_id=thread_id, by=self.identity.user_id)
             case Auth(token=token):
                 identity = self.hub.verifier.verify(token)  # Unauthorized -> error event
                 if identity.user_id != self.identity.user_id:
@@ -346,152 +313,5 @@ class Session:
                 self.identity = identity
                 self._watch_expiry()
 
-    def _start_run(self, msg: UserMessage) -> None:
-        hub, c, user = self.hub, self.hub.config, self.user
-        if hub.draining:
-            raise Busy("the server is shutting down", retry_after_ms=int(c.drain_grace_s * 1000))
-        agent = route(hub.agents, msg.text, msg.agent)
-        new_thread = msg.thread_id is None
-        thread_id = msg.thread_id or new_id("thr")
-        key = (user.user_id, msg.thread_id or "", msg.id)
-        # with a store, the store decides duplicates (across processes and
-        # restarts); without one, the hub remembers recent ids
-        if hub.store is None and msg.id is not None and (original := hub.accepted_ids.get(key)) is not None:
-            run_id, original_thread = original
-            raise errors.BadRequest(
-                f"message id {msg.id!r} was already accepted on this thread",
-                run_id=run_id, thread_id=original_thread,
-            )
-        if hub.store is None and not new_thread:
-            owner = hub.thread_owners.get(thread_id)
-            if owner is not None and owner != user.user_id:
-                raise NotFound(f"no thread {thread_id!r}")
-        thread = user.thread(thread_id)
-        multitask = msg.multitask or c.default_multitask
-        if thread.busy:
-            if multitask == "reject":
-                active = thread.active or thread.waiting[0]
-                raise RunInProgress("this thread has a run in progress", run_id=active.id, thread_id=thread_id)
-            if multitask == "interrupt":
-                for other in [thread.active, *thread.waiting]:
-                    if other is not None:
-                        other.cancel("interrupted", by=user.user_id)
-        limiters = [self.run_limiter, user.run_limiter, hub.run_limiter]
-        if thread.busy or not all_available(limiters):
-            if user.pending >= c.max_queued_runs_per_user or hub.queued_runs >= c.max_queued_runs:
-                user.release_thread(thread_id)
-                raise Busy("capacity is full; try again shortly", retry_after_ms=1000)
-        run = Run(
-            id=new_id("run"), thread_id=thread_id, new_thread=new_thread, user_id=user.user_id,
-            agent=agent, text=msg.text, client_id=msg.id, requested_agent=msg.agent,
-        )
-        if hub.store is None and msg.id is not None:
-            hub.accepted_ids[key] = (run.id, thread_id)
-            run.id_key = key
-        if hub.store is None:
-            hub.thread_owners[thread_id] = user.user_id
-        self.runs[run.id] = run
-        self._owned.add(run.id)
-        self._runs_idle = trio.Event()
-        user.runs.add(run)
-        thread.waiting.append(run)
-        user.pending += 1
-        hub.queued_runs += 1
-        hub.metrics.runs_queued.inc()
-        assert self._nursery is not None
-        self._nursery.start_soon(execute, self, run)
-
-    def _cancel(self, msg: Cancel) -> None:
-        # only this connection's runs: their agent_cancelled is the answer, and
-        # it goes to the connection that started them
-        if msg.run_id is not None:
-            targets = [r for r in (self.runs.get(msg.run_id),) if r is not None]
-        else:
-            targets = [r for r in self.runs.values() if r.thread_id == msg.thread_id]
-        if not targets:
-            raise NotFound("no such run in progress")
-        for run in targets:
-            run.cancel("client", by=self.identity.user_id)
-        # the answer is each run's agent_cancelled
-
-    # -- run bookkeeping (called by runs.execute) ---------------------------------
-
-    def _count_containment(self, run: Run, outcome: str) -> None:
-        """Failure containment: every run that did not complete is charged to
-        its own user (``runs_failed``) or, when the cause came from outside
-        that user and the operator, counted as affected (must stay 0)."""
-        m = self.hub.metrics
-        if outcome == "failed":
-            m.runs_failed.labels(run.cause or "internal_error").inc()
-        elif outcome == "cancelled":
-            if run.cancel_reason is None:  # torn down from outside, no one asked
-                m.runs_affected.labels("unrequested").inc()
-            elif run.cancelled_by not in (run.user_id, SERVER):
-                m.runs_affected.labels("other_user").inc()
-            elif run.cause not in REQUESTED_ENDINGS:
-                m.runs_failed.labels(run.cause or "disconnect").inc()
-
-    def unqueue(self, run: Run) -> None:
-        if run.pending:
-            run.pending = False
-            self.user.pending -= 1
-            self.hub.queued_runs -= 1
-            self.hub.metrics.runs_queued.dec()
-
-    def run_ended(self, run: Run, exec_started: float | None) -> None:
-        m = self.hub.metrics
-        self.unqueue(run)
-        if run.executing:
-            m.runs_active.dec()
-            if exec_started is not None:
-                m.run_duration.observe(trio.current_time() - exec_started)
-        outcome = {"agent_completed": "completed", "agent_error": "failed"}.get(run.terminal or "", "cancelled")
-        if run.terminal is None and run.cancel_reason is None and not run.announced:
-            outcome = "refused"
-            if run.id_key is not None and self.hub.accepted_ids.get(run.id_key) == (run.id, run.thread_id):
-                self.hub.accepted_ids.pop(run.id_key)  # refused: the same id may be retried
-        m.runs_finished.labels(outcome, run.cause or "").inc()
-        self._count_containment(run, outcome)
-        thread = self.user.threads.get(run.thread_id)
-        if thread is not None:
-            if thread.active is run:
-                thread.active = None
-            if run in thread.waiting:
-                thread.waiting.remove(run)
-        self.user.runs.discard(run)
-        self.user.release_thread(run.thread_id)
-        self.runs.pop(run.id, None)
-        if run.terminal is None:
-            self._owned.discard(run.id)
-        if not self.runs:
-            self._runs_idle.set()
-        self.hub.forget_user_if_idle(self.user)
-
-    def count_tool_call(self, record: ToolCallRecord, outcome: str) -> None:
-        m = self.hub.metrics
-        m.tool_calls.labels(record.name, outcome).inc()
-        m.tool_duration.labels(record.name).observe(record.duration_ms / 1000)
-
-    def count_model_turn(self, outcome: str, first: float | None, total: float) -> None:
-        m = self.hub.metrics
-        m.model_turn.labels(outcome).observe(total)
-        if first is not None:
-            m.model_first_event.observe(first)
-
     def queued_events(self) -> int:
         return len(self._pending)
-
-    def limiter_name(self, limiter: trio.CapacityLimiter) -> str:
-        if limiter is self.run_limiter:
-            return "connection"
-        if limiter is self.user.run_limiter:
-            return "user"
-        return "global"
-
-
-def _started_for(run: Run) -> RunEvent:
-    from .protocol import AgentStarted
-
-    return AgentStarted(
-        run_id=run.id, thread_id=run.thread_id, agent=run.agent.name, message_id=run.message_id, ref=run.client_id
-    )

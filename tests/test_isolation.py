@@ -185,8 +185,9 @@ async def test_cancel_by_thread_id():
 
 
 async def test_duplicate_message_ids_start_no_second_run():
-    """Without a store the server remembers accepted ids; a duplicate's error
-    names the first run and its thread, and leaves other users alone."""
+    """With no database the memory store remembers accepted ids by the same
+    rules as the SQL stores; a duplicate's error names the first run and its
+    thread, and leaves other users alone."""
     async with scenario() as server:
         async with connect(server.ws_url, token_for(server, "u")) as conn, \
                 connect(server.ws_url, token_for(server, "v")) as other:
@@ -196,9 +197,12 @@ async def test_duplicate_message_ids_start_no_second_run():
                 await conn.collect(CALC, id="m1")  # the retry of a thread-starting message
             assert refused.value.code == "bad_request"
             assert (refused.value.raw["run_id"], refused.value.raw["thread_id"]) == (run_id, thread)
-            on_thread = await conn.collect(CALC, id="m1", thread_id=thread)  # its own scope
-            with pytest.raises(RunRefused) as refused:
+            with pytest.raises(RunRefused) as refused:  # the same id on the thread it started
                 await conn.collect(CALC, id="m1", thread_id=thread)
+            assert refused.value.raw["run_id"] == run_id
+            on_thread = await conn.collect(CALC, id="m2", thread_id=thread)
+            with pytest.raises(RunRefused) as refused:
+                await conn.collect(CALC, id="m2", thread_id=thread)
             assert refused.value.raw["run_id"] == on_thread[0].raw["run_id"]
             assert (await other.collect(CALC, id="m1"))[-1].type == "agent_completed"
 

@@ -1,26 +1,37 @@
-"""The small bounded structures the hub keeps without a store."""
+"""The per-connection message rate: a token bucket and its refusal streak."""
 
 from __future__ import annotations
 
-from netra.limits import BoundedMap
+import trio
+
+from netra.limits import TokenBucket
 
 
-def test_bounded_map_remembers_the_most_recent_half_to_all_of_its_size():
-    ids: BoundedMap[str, int] = BoundedMap(10)
-    for i in range(1, 101):
-        ids[f"k{i}"] = i
-        assert len(ids) <= 10
-        # the newest five are always there, whatever the generation boundary
-        assert [ids.get(f"k{j}") for j in range(max(1, i - 4), i + 1)] == list(range(max(1, i - 4), i + 1))
-    assert ids.get("k1") is None and ids.get("k90") is None
-    assert ids.pop("k100") == 100 and ids.get("k100") is None
-    assert ids.pop("k96") == 96 and ids.pop("k96") is None
+async def test_bucket_gives_its_burst_then_refills_at_its_rate(autojump_clock):
+    bucket = TokenBucket(rate=10.0, burst=3)
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    assert bucket.retry_after_ms() == 100
+    await trio.sleep(0.1)
+    assert bucket.take() and not bucket.take()
 
 
-def test_setting_a_key_again_keeps_one_copy_in_the_newest_generation():
-    ids: BoundedMap[str, int] = BoundedMap(4)
-    ids["a"], ids["b"] = 1, 2  # "a" and "b" now the older generation
-    ids["a"] = 3
-    assert len(ids) == 2 and ids.get("a") == 3
-    ids["c"] = 4  # the newer generation fills: "b" is dropped with the old one
-    assert ids.get("b") is None and ids.get("a") == 3 and ids.get("c") == 4
+async def test_refusal_streak_counts_in_a_row_and_resets_on_an_accepted_message(autojump_clock):
+    bucket = TokenBucket(rate=10.0, burst=1)
+    assert bucket.take()
+    for n in range(1, 6):
+        assert not bucket.take()
+        assert bucket.refusals == n
+    await trio.sleep(0.1)  # one token back: the next message is accepted
+    assert bucket.take() and bucket.refusals == 0
+    assert not bucket.take() and bucket.refusals == 1
+
+
+async def test_the_streak_does_not_decay_while_the_client_keeps_sending(autojump_clock):
+    """Refusals spread out in time still count in a row: only an accepted
+    message ends the streak (the protocol document's rule)."""
+    bucket = TokenBucket(rate=1.0, burst=1)
+    assert bucket.take()
+    for _ in range(4):
+        await trio.sleep(0.2)  # a refusal every 0.2 s: never enough for a token
+        assert not bucket.take()
+    assert bucket.refusals == 4

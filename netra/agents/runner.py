@@ -105,9 +105,12 @@ class AgentLoop:
                 return self.text
             messages.append(ChatMessage(role="assistant", content=turn_text or None, tool_calls=calls))
             results: dict[str, ChatMessage] = {}
-            async with trio.open_nursery() as nursery:
-                for call in calls:
-                    nursery.start_soon(self._tool_call, call, results)
+            if len(calls) == 1:  # the common case needs no task of its own
+                await self._tool_call(calls[0], results)
+            else:
+                async with trio.open_nursery() as nursery:
+                    for call in calls:
+                        nursery.start_soon(self._tool_call, call, results)
             messages.extend(results[c.id] for c in calls)
         raise LLMError(f"the agent did not finish within {self.limits.max_steps} model steps")
 
@@ -118,26 +121,37 @@ class AgentLoop:
         calls: list[ToolCallRequest] = []
         turn_text: list[str] = []
         timeout = self.limits.first_chunk_timeout_s
-        # one scope for the whole turn: its deadline is armed only while waiting
-        # for the model (not while our own events are queued) and moved per chunk
+        # One scope for the whole turn. Its deadline is the model's: the first
+        # chunk within first_chunk_timeout_s, then no silence longer than
+        # idle_timeout_s. Moving a deadline costs a heap push, so it moves at
+        # most once per 1% of the timeout: a silence is cut after 99-100% of it.
         started: float | None = None
         first: float | None = None
         outcome = "error"
+        limiter = self.model_limiter
         try:
             with trio.CancelScope() as waiting:
-                async with self.model_limiter:
-                    started = trio.current_time()
+                try:
+                    limiter.acquire_nowait()
+                except trio.WouldBlock:
+                    await limiter.acquire()
+                try:
+                    started = now = trio.current_time()
+                    waiting.deadline = armed = now + timeout
+                    slack = timeout * 0.01
                     async with self.model.stream(request) as events:
-                        while True:
-                            waiting.deadline = trio.current_time() + timeout
-                            event = await anext(events, None)
-                            waiting.deadline = math.inf
-                            if event is None:
-                                break
+                        async for event in events:
+                            now = trio.current_time()
                             if first is None:
-                                first = trio.current_time() - started
-                            timeout = self.limits.idle_timeout_s
-                            await self._handle(event, step, calls, turn_text)
+                                first = now - started
+                                timeout = self.limits.idle_timeout_s
+                                slack = timeout * 0.01
+                                waiting.deadline = armed = now + timeout
+                            elif now + timeout - armed > slack:
+                                waiting.deadline = armed = now + timeout
+                            self._handle(event, step, calls, turn_text)
+                finally:
+                    limiter.release()
             outcome = "timeout" if waiting.cancelled_caught else "ok"
         except trio.Cancelled:
             outcome = "cancelled"
@@ -152,7 +166,7 @@ class AgentLoop:
             self.emit(self._thinking("", step))
         return tuple(calls), "".join(turn_text)
 
-    async def _handle(
+    def _handle(
         self, event: object, step: int, calls: list[ToolCallRequest], turn_text: list[str]
     ) -> None:
         """One streamed model event: the step is announced before its first output."""
@@ -242,8 +256,14 @@ class AgentLoop:
             if limiter is None:
                 result = await tool.invoke(args)
             else:
-                async with limiter:
+                try:
+                    limiter.acquire_nowait()
+                except trio.WouldBlock:
+                    await limiter.acquire()
+                try:
                     result = await tool.invoke(args)
+                finally:
+                    limiter.release()
         return _bounded(result, self.limits.max_tool_result_bytes)
 
     def _completed(self, call: ToolCallRequest, record: ToolCallRecord) -> ToolCompleted:

@@ -84,6 +84,11 @@ def routing_request(agents: AgentSet) -> tuple[str, ToolSpec]:
     return prompt, spec
 
 
+def model_routes(model: Model, agents: AgentSet, requested: str | None) -> bool:
+    """Whether asking the model can change what the rules chose."""
+    return requested is None and getattr(model, "name", None) != "scripted" and len(agents.agents) >= 2
+
+
 async def choose_agent(
     hub_model: Model,
     agents: AgentSet,
@@ -103,7 +108,7 @@ async def choose_agent(
     limiter), because a run should not sit behind a busy model just to be
     routed: past it, the rules decide. Cancellation is never swallowed.
     """
-    if requested is not None or getattr(hub_model, "name", None) == "scripted" or len(agents.agents) < 2:
+    if not model_routes(hub_model, agents, requested):
         return route(agents, text, requested)
     reason = f"no choice within {timeout_s:g}s"
     with trio.move_on_after(timeout_s if math.isfinite(timeout_s) else math.inf):

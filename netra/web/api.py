@@ -27,11 +27,6 @@ def register_api(app: QuartTrio, hub: Hub) -> None:
             raise Unauthorized("missing bearer token")
         return hub.verifier.verify(token)
 
-    def store():
-        if hub.store is None:
-            raise NotFound("this server keeps no history (no store configured)")
-        return hub.store
-
     @app.errorhandler(NetraError)
     async def netra_error(exc: NetraError) -> Any:
         status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 400)
@@ -44,13 +39,13 @@ def register_api(app: QuartTrio, hub: Hub) -> None:
             limit = min(max(int(request.args.get("limit", 100)), 1), 500)
         except ValueError:
             raise BadRequest("'limit' must be a whole number") from None
-        threads = await store().list_threads(who.user_id, limit=limit)
+        threads = await hub.store.list_threads(who.user_id, limit=limit)
         return jsonify(threads=[attrs.asdict(t) for t in threads])
 
     @app.get("/api/threads/<thread_id>")
     async def get_thread(thread_id: str) -> Any:
         who = identify()
-        thread, messages, runs = await store().get_thread(who.user_id, thread_id)
+        thread, messages, runs = await hub.store.get_thread(who.user_id, thread_id)
         return jsonify(
             thread=attrs.asdict(thread),
             messages=[attrs.asdict(m) for m in messages],
@@ -60,5 +55,5 @@ def register_api(app: QuartTrio, hub: Hub) -> None:
     @app.delete("/api/threads/<thread_id>")
     async def delete_thread(thread_id: str) -> Any:
         who = identify()
-        await store().delete_thread(who.user_id, thread_id)
+        await hub.store.delete_thread(who.user_id, thread_id)
         return "", 204

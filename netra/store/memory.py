@@ -38,8 +38,10 @@ from .base import (
     RunRecord,
     RunStart,
     RunStarted,
+    RunStatus,
     StoredMessage,
     ThreadRecord,
+    ToolCallRecord,
     retry_starts_new_run,
 )
 
@@ -56,19 +58,58 @@ def _as_json(value: Any) -> tuple[Any, int]:
     return json.loads(text), len(text)
 
 
+# Threads and runs are kept as plain mutable objects and turned into the
+# frozen records only when read: a frozen record rebuilt on every write (with
+# attrs.evolve) was most of what a run cost here.
+
+
+@attrs.define(eq=False, slots=True)
+class _Run:
+    id: str
+    thread_id: str
+    user_id: str
+    agent: str
+    started_at: float
+    status: RunStatus = "running"
+    ended_at: float | None = None
+    duration_ms: int | None = None
+    usage: dict[str, int] = attrs.field(factory=dict)
+    error_code: str | None = None
+    cancel_reason: str | None = None
+    tool_calls: tuple[ToolCallRecord, ...] = ()
+
+    def record(self) -> RunRecord:
+        return RunRecord(
+            id=self.id, thread_id=self.thread_id, user_id=self.user_id, agent=self.agent,
+            status=self.status, started_at=self.started_at, ended_at=self.ended_at,
+            duration_ms=self.duration_ms, usage=dict(self.usage), error_code=self.error_code,
+            cancel_reason=self.cancel_reason, tool_calls=self.tool_calls,
+        )  # fmt: skip
+
+
 @attrs.define(eq=False, slots=True)
 class _Thread:
-    record: ThreadRecord
+    id: str
+    user_id: str
+    title: str
+    created_at: float
+    updated_at: float
     #: The id of the message that started it (scope: its user's threads).
     client_id: str | None
     messages: list[_Entry] = attrs.field(factory=list)
     #: Client id -> the message holding it (scope: this thread).
     ids: dict[str, _Entry] = attrs.field(factory=dict)
     #: Runs in the order they began.
-    runs: dict[str, RunRecord] = attrs.field(factory=dict)
+    runs: dict[str, _Run] = attrs.field(factory=dict)
     #: Characters of text each run holds (its messages and tool calls).
     sizes: dict[str, int] = attrs.field(factory=dict)
     chars: int = 0
+
+    def record(self) -> ThreadRecord:
+        return ThreadRecord(
+            id=self.id, user_id=self.user_id, title=self.title,
+            created_at=self.created_at, updated_at=self.updated_at,
+        )  # fmt: skip
 
 
 @attrs.define(eq=False)
@@ -140,7 +181,7 @@ class MemoryStore:
                     run_id = entry[2].run_id
                     if not self._retry_starts_new_run(earlier, run_id):
                         self._threads.move_to_end(earlier_id)
-                        return RunStarted(thread=earlier.record, duplicate_of=run_id)
+                        return RunStarted(thread=earlier.record(), duplicate_of=run_id)
                     self._release(earlier, entry)
                     replaces = run_id
                 earlier.client_id = None
@@ -153,28 +194,28 @@ class MemoryStore:
             if cid is not None and (entry := thread.ids.get(cid)) is not None:
                 run_id = entry[2].run_id
                 if not self._retry_starts_new_run(thread, run_id):
-                    self._threads.move_to_end(thread.record.id)
-                    return RunStarted(thread=thread.record, duplicate_of=run_id)
+                    self._threads.move_to_end(thread.id)
+                    return RunStarted(thread=thread.record(), duplicate_of=run_id)
                 self._release(thread, entry)
                 replaces = run_id
-            thread.record = attrs.evolve(thread.record, updated_at=start.started_at)
-            self._threads.move_to_end(thread.record.id)
+            thread.updated_at = start.started_at
+            self._threads.move_to_end(thread.id)
         message = StoredMessage(
-            id=start.user_message_id, thread_id=thread.record.id, role="user", text=start.text,
+            id=start.user_message_id, thread_id=thread.id, role="user", text=start.text,
             run_id=start.run_id, client_id=cid, created_at=start.started_at,
         )  # fmt: skip
         entry = self._add(thread, message)
         if cid is not None:
             thread.ids[cid] = entry
-        thread.runs[start.run_id] = RunRecord(
-            id=start.run_id, thread_id=thread.record.id, user_id=start.user_id, agent=start.agent,
-            status="running", started_at=start.started_at,
+        thread.runs[start.run_id] = _Run(
+            id=start.run_id, thread_id=thread.id, user_id=start.user_id, agent=start.agent,
+            started_at=start.started_at,
         )  # fmt: skip
         self._charge(thread, start.run_id, len(start.text))
         if len(thread.runs) > self.max_runs_per_thread:
             self._forget_oldest_runs(thread)
         self._shed(thread)
-        return RunStarted(thread=thread.record, replaces=replaces)
+        return RunStarted(thread=thread.record(), replaces=replaces)
 
     async def finish_run(self, outcome: RunOutcome) -> None:
         self._check_open()
@@ -189,18 +230,16 @@ class MemoryStore:
             (args, args_chars), (result, result_chars) = _as_json(call.args), _as_json(call.result)
             chars += args_chars + result_chars + len(call.error or "")
             calls.append(attrs.evolve(call, run_id=run.id, args=args, result=result))
-        thread.runs[run.id] = attrs.evolve(
-            run, status=outcome.status, ended_at=outcome.ended_at, duration_ms=outcome.duration_ms,
-            usage=dict(outcome.usage), error_code=outcome.error_code,
-            cancel_reason=outcome.cancel_reason, tool_calls=tuple(calls),
-        )  # fmt: skip
+        run.status, run.ended_at, run.duration_ms = outcome.status, outcome.ended_at, outcome.duration_ms
+        run.usage, run.error_code, run.cancel_reason = dict(outcome.usage), outcome.error_code, outcome.cancel_reason
+        run.tool_calls = tuple(calls)
         if outcome.answer_text:  # a run that failed before any text leaves no empty turn
             self._add(thread, StoredMessage(
-                id=outcome.answer_message_id, thread_id=thread.record.id, role="assistant",
+                id=outcome.answer_message_id, thread_id=thread.id, role="assistant",
                 text=outcome.answer_text, run_id=run.id, client_id=None, created_at=outcome.ended_at,
             ))  # fmt: skip
-        thread.record = attrs.evolve(thread.record, updated_at=outcome.ended_at)
-        self._threads.move_to_end(thread.record.id)
+        thread.updated_at = outcome.ended_at
+        self._threads.move_to_end(thread.id)
         self._charge(thread, run.id, chars)
         self._shed(thread)
 
@@ -225,8 +264,8 @@ class MemoryStore:
         self._check_open()
         if limit <= 0:
             return []
-        records = (self._threads[t].record for t in self._by_user.get(user_id, ()))
-        return heapq.nsmallest(limit, records, key=lambda r: (-r.updated_at, r.id))
+        threads = (self._threads[t] for t in self._by_user.get(user_id, ()))
+        return [t.record() for t in heapq.nsmallest(limit, threads, key=lambda t: (-t.updated_at, t.id))]
 
     async def get_thread(
         self, user_id: str, thread_id: str
@@ -235,7 +274,7 @@ class MemoryStore:
         thread = self._owned(user_id, thread_id)
         self._threads.move_to_end(thread_id)
         runs = sorted(thread.runs.values(), key=lambda r: (r.started_at, r.id))
-        return thread.record, [m for _, _, m in thread.messages], runs
+        return thread.record(), [m for _, _, m in thread.messages], [r.record() for r in runs]
 
     async def delete_thread(self, user_id: str, thread_id: str) -> None:
         self._check_open()
@@ -245,7 +284,7 @@ class MemoryStore:
 
     def _owned(self, user_id: str, thread_id: str) -> _Thread:
         thread = self._threads.get(thread_id)
-        if thread is None or thread.record.user_id != user_id:
+        if thread is None or thread.user_id != user_id:
             # The same answer for "absent" and "someone else's": ids do not leak.
             raise NotFound("thread not found")
         return thread
@@ -258,15 +297,14 @@ class MemoryStore:
         return retry_starts_new_run(run.status, run.cancel_reason, run.error_code)
 
     def _new_thread(self, start: RunStart) -> _Thread:
-        record = ThreadRecord(
+        thread = _Thread(
             id=start.new_thread_id, user_id=start.user_id, title=_title(start.text),
-            created_at=start.started_at, updated_at=start.started_at,
+            created_at=start.started_at, updated_at=start.started_at, client_id=start.client_id,
         )  # fmt: skip
-        thread = _Thread(record=record, client_id=start.client_id)
-        self._threads[record.id] = thread
-        self._by_user.setdefault(start.user_id, {})[record.id] = None
+        self._threads[thread.id] = thread
+        self._by_user.setdefault(thread.user_id, {})[thread.id] = None
         if start.client_id is not None:
-            self._started[(start.user_id, start.client_id)] = record.id
+            self._started[(start.user_id, start.client_id)] = thread.id
         return thread
 
     def _charge(self, thread: _Thread, run_id: str, chars: int) -> None:
@@ -313,17 +351,16 @@ class MemoryStore:
         thread.ids = {cid: e for cid, e in thread.ids.items() if e[2].run_id not in gone}
         if thread.client_id is not None and thread.client_id not in thread.ids:
             # the message that started the thread is forgotten, and its id with it
-            self._started.pop((thread.record.user_id, thread.client_id), None)
+            self._started.pop((thread.user_id, thread.client_id), None)
             thread.client_id = None
 
     def _forget(self, thread: _Thread) -> None:
-        record = thread.record
-        del self._threads[record.id]
+        del self._threads[thread.id]
         self._chars -= thread.chars
-        owned = self._by_user.get(record.user_id)
+        owned = self._by_user.get(thread.user_id)
         if owned is not None:
-            owned.pop(record.id, None)
+            owned.pop(thread.id, None)
             if not owned:
-                del self._by_user[record.user_id]
+                del self._by_user[thread.user_id]
         if thread.client_id is not None:
-            self._started.pop((record.user_id, thread.client_id), None)
+            self._started.pop((thread.user_id, thread.client_id), None)

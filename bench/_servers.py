@@ -47,6 +47,20 @@ def pdeathsig() -> None:
         pass
 
 
+def set_priority(nice: int) -> None:
+    """This process's niceness, and that of its autogroup: with
+    ``kernel.sched_autogroup_enabled`` the scheduler first shares a core
+    between sessions, so a niceness alone would not outweigh another
+    session's work. Call it in a process that leads its own session, or it
+    changes the whole session's group. Negative values need CAP_SYS_NICE."""
+    os.setpriority(os.PRIO_PROCESS, 0, nice)
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(nice))
+    except OSError:
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -122,7 +136,7 @@ def command(kind: str, port: int) -> list[str]:
 def start(kind: str, *, secret: str, delay_ms: float, log_dir: Path,
           netra_defaults: dict[str, str] | None = None, netra_forced: dict[str, str] | None = None,
           netra_unset: tuple[str, ...] = (), netra_root: Path | None = None,
-          cpus: set[int] | None = None, nofile: int | None = None) -> Server:
+          cpus: set[int] | None = None, nofile: int | None = None, nice: int = 0) -> Server:
     """Start one server (not yet ready: see :func:`wait_ready`).
 
     For netra (any kind starting with ``netra``), ``netra_defaults`` (then
@@ -132,7 +146,8 @@ def start(kind: str, *, secret: str, delay_ms: float, log_dir: Path,
     ``netra_root`` runs the netra package of another source tree. ``cpus``
     pins the server (and every thread and process it starts) to those CPUs;
     ``nofile`` sets its open-file limit (above the hard limit when we may,
-    else capped at it)."""
+    else capped at it); ``nice`` its scheduling niceness (negative: ahead of
+    other work on the machine; needs CAP_SYS_NICE)."""
     port = free_port()
     env = dict(os.environ)
     root = ROOT
@@ -152,6 +167,8 @@ def start(kind: str, *, secret: str, delay_ms: float, log_dir: Path,
         pdeathsig()
         if cpus:
             os.sched_setaffinity(0, cpus)
+        if nice:
+            set_priority(nice)  # after setsid (start_new_session): the server's own autogroup
         if nofile:
             import resource
 

@@ -136,17 +136,19 @@ def netra_source(root: Path) -> dict[str, Any]:
 class Worker:
     """One client process (bench/_rawclient.py) and a bounded line reader on its stdout."""
 
-    def __init__(self, spec: dict[str, Any], cpus: set[int], secret: str) -> None:
+    def __init__(self, spec: dict[str, Any], cpus: set[int], secret: str, nice: int = 0) -> None:
         env = {**os.environ, "NETRA_JWT_SECRET": secret,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
         def pin() -> None:
             _servers.pdeathsig()
             os.sched_setaffinity(0, cpus)
+            if nice:
+                _servers.set_priority(nice)  # its own session (below), so its own autogroup
 
         self.proc = subprocess.Popen([sys.executable, "-m", "bench._rawclient", "--worker", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, env=env,
-                                     preexec_fn=pin)
+                                     preexec_fn=pin, start_new_session=bool(nice))
         self.buf = b""
 
     def send(self, line: str) -> None:
@@ -232,7 +234,7 @@ def measure(server: _servers.Server, connections: int, args: argparse.Namespace,
                     "connect_concurrency": max(1, 200 // procs), "connect_phase_s": 60.0,
                     "go_timeout_s": 120.0, "drain_timeout_s": args.run_timeout, "close_timeout_s": 5.0}
             first += count
-            workers.append(Worker(spec, args.client_cpus, secret))
+            workers.append(Worker(spec, args.client_cpus, secret, args.nice))
         ready = [w.expect("READY", 90.0) for w in workers]
         opened = sum(r["open"] for r in ready)
         t_go = time.monotonic() + 0.2
@@ -334,7 +336,7 @@ def _start(kind: str, args: argparse.Namespace, secret: str, log_dir: Path, roun
         unset = ("NETRA_DATABASE_URL",)
     server = _servers.start(kind, secret=secret, delay_ms=0.0, log_dir=log_dir, netra_forced=forced,
                             netra_unset=unset, netra_root=args.netra_root, cpus=args.server_cpus,
-                            nofile=max(args.connections) * 2 + 1000)
+                            nofile=max(args.connections) * 2 + 1000, nice=args.nice)
     trio.run(_servers.wait_ready, server)
     pinned = _servers.affinity_of(server.proc.pid)
     if any(set(c) != args.server_cpus for c in pinned.values()):
@@ -432,7 +434,7 @@ def report(out: dict[str, Any]) -> None:
     meta = out["meta"]
     _log(f"busy per core before the bench: {meta['busy_per_core_before']}")
     _log(f"server cpus {meta['server_cpus']}, client cpus {meta['client_cpus']} ({meta['client_processes']} client "
-         f"process(es), {meta['client_io']}); {meta['rounds']} rounds x {meta['duration_s']} s timed "
+         f"process(es), {meta['client_io']}, nice {meta['nice']}); {meta['rounds']} rounds x {meta['duration_s']} s timed "
          f"(+{meta['warmup_s']} s warm-up); medians of the rounds")
     _log()
     cols = [("server", 13, "server"), ("conns", 6, "connections"), ("runs/s", 9, "runs_per_s"),
@@ -489,6 +491,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log_dir = Path(tempfile.mkdtemp(prefix="netra-bench-hotpath-"))
     _log(f"server logs: {log_dir}")
     os.sched_setaffinity(0, args.client_cpus)  # this process too stays off the server's core
+
     a = cpu_lines()
     time.sleep(1.0)
     b = cpu_lines()
@@ -541,7 +544,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "servers": args.servers, "connections": args.connections, "rounds": args.rounds,
             "duration_s": args.duration, "warmup_s": args.warmup,
             "server_cpus": sorted(args.server_cpus), "client_cpus": sorted(args.client_cpus),
-            "client_processes": args.client_processes, "client_io": args.client_io,
+            "client_processes": args.client_processes, "client_io": args.client_io, "nice": args.nice,
             "events_per_run_expected": EVENTS_PER_RUN,
             "netra_env": {k: v for k, v in _servers.NETRA_DEFAULTS.items()} | {
                 k: v for k, v in os.environ.items() if k.startswith("NETRA_") and k != "NETRA_JWT_SECRET"},
@@ -579,6 +582,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the client's I/O loop (default: epoll, the leaner one)")
     p.add_argument("--client-limit", type=float, default=0.85,
                    help="client busy fraction from which the client may be the bottleneck (default: 0.85)")
+    p.add_argument("--nice", type=int, default=0,
+                   help="niceness of the servers and clients (and of their autogroups), e.g. -10 on a machine "
+                        "shared with other work: they then keep most of their cores when others want them "
+                        "(needs CAP_SYS_NICE; default 0)")
     p.add_argument("--run-timeout", type=float, default=30.0, help="longest wait for runs in flight at the end")
     p.add_argument("--netra-root", type=Path, default=None,
                    help="run the netra package of this source tree instead of this repository's")

@@ -524,13 +524,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         else:
                             _log(f"round {rnd} {kind:<12} {n:>5} conns: {row['runs_per_s']:>8} runs/s  "
                                  f"p50 {row['latency_ms']['p50']} p99 {row['latency_ms']['p99']} ms  "
-                                 f"server {row['server_us_per_run']} us/run busy {row['server_busy']}  "
-                                 f"client busy {row['client_busy']}")
+                                 f"server {row['server_us_per_run']} us/run busy {row['server_busy']} "
+                                 f"(core {(row['server_core'] or {}).get('busy')})  client busy {row['client_busy']} "
+                                 f"(" + ", ".join(f"user {c['user_s']} s + sys {c['sys_s']} s"
+                                                  for c in row["client_cpu"]) + f" of {row['window_s']} s)")
                         _settle(server.proc.pid)
                 finally:
                     _servers.stop(server)
+                    shutil.rmtree(log_dir / f"sqlite-r{rnd}", ignore_errors=True)  # netra-sqlite's data folder
     finally:
-        shutil.rmtree(log_dir / "sqlite-data", ignore_errors=True)
+        for data in log_dir.glob("sqlite-r*"):
+            shutil.rmtree(data, ignore_errors=True)
     summary = summarize(rows, args.servers, args.connections)
     out = {
         "meta": {

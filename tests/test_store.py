@@ -36,6 +36,7 @@ from netra.store import (
     SQLiteStore,
     Store,
     ToolCallRecord,
+    _migrations,
     _schema,
     open_store,
 )
@@ -154,8 +155,8 @@ async def test_migrations_are_idempotent(backend: Backend) -> None:
     async with opened(config) as store:
         assert isinstance(store, Store)
         versions = [r[0] for r in await rows(store, "SELECT version FROM schema_version ORDER BY version")]
-        assert versions == [v for v, _ in _schema.MIGRATIONS]
-        newer = _schema.MIGRATIONS[-1][0] + 1000
+        assert versions == [v for v, _ in _migrations.MIGRATIONS]
+        newer = _migrations.MIGRATIONS[-1][0] + 1000
         await rows(store, "INSERT INTO schema_version VALUES (?, 0) RETURNING version", newer)
         try:
             with pytest.raises(StoreError, match="newer"):
@@ -541,7 +542,7 @@ async def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None
     path = tmp_path / "v1.sqlite3"
     with sqlite3.connect(path, isolation_level=None) as conn:
         conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)")
-        for statement in _schema.statements(_schema.MIGRATIONS[0][1], _schema.SQLITE):
+        for statement in _migrations.statements(_migrations.MIGRATIONS[0][1], _schema.SQLITE):
             conn.execute(statement)
         conn.execute("INSERT INTO schema_version VALUES (1, 0)")
         conn.execute("INSERT INTO threads VALUES ('thr_old', 'ann', 'from before', 1.0, 1.0)")
@@ -553,7 +554,7 @@ async def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None
     async with opened(Config(database_url=f"sqlite:///{path}", store_pool_size=2)) as store:
         with trio.fail_after(IO_TIMEOUT):
             versions = [r[0] for r in await rows(store, "SELECT version FROM schema_version ORDER BY version")]
-            assert versions == [v for v, _ in _schema.MIGRATIONS]
+            assert versions == [v for v, _ in _migrations.MIGRATIONS]
             thread, messages, _ = await store.get_thread("ann", "thr_old")
             assert thread.title == "from before" and [m.client_id for m in messages] == ["c-old"]
             # the old thread's ids still count on it; a new thread starting with one is new

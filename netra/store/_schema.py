@@ -1,4 +1,4 @@
-"""The schema, its migrations, and the portable SQL both backends run.
+"""The portable SQL both backends run (the schema is in :mod:`._migrations`).
 
 Both backends hand a borrowed connection (inside a transaction they opened) to
 the functions below, so the queries exist once and the two databases cannot
@@ -15,7 +15,6 @@ driver's exceptions unchanged (the backend translates them at its edge) and
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -89,92 +88,6 @@ POSTGRES: Final = Dialect(
     text=_scrub_nul,
 )
 
-#: (version, SQL) steps, applied in order, each exactly once, never edited
-#: after release: a change to the schema is a new step. ``{json_type}`` and
-#: ``{serial_pk}`` come from the dialect. Statements are split on ";".
-MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
-    (
-        1,
-        """
-        CREATE TABLE threads (
-            id TEXT PRIMARY KEY,
-            user_id TEXT NOT NULL,
-            title TEXT NOT NULL,
-            created_at DOUBLE PRECISION NOT NULL,
-            updated_at DOUBLE PRECISION NOT NULL
-        );
-        CREATE INDEX threads_user_updated ON threads (user_id, updated_at);
-
-        CREATE TABLE messages (
-            seq {serial_pk},
-            id TEXT NOT NULL UNIQUE,
-            thread_id TEXT NOT NULL REFERENCES threads (id) ON DELETE CASCADE,
-            role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
-            text TEXT NOT NULL,
-            run_id TEXT,
-            client_id TEXT,
-            created_at DOUBLE PRECISION NOT NULL,
-            UNIQUE (thread_id, client_id)
-        );
-        CREATE INDEX messages_thread_created ON messages (thread_id, created_at, seq);
-
-        CREATE TABLE runs (
-            id TEXT PRIMARY KEY,
-            thread_id TEXT NOT NULL REFERENCES threads (id) ON DELETE CASCADE,
-            user_id TEXT NOT NULL,
-            agent TEXT NOT NULL,
-            status TEXT NOT NULL
-                CHECK (status IN ('running', 'completed', 'failed', 'cancelled')),
-            started_at DOUBLE PRECISION NOT NULL,
-            ended_at DOUBLE PRECISION,
-            duration_ms BIGINT,
-            usage {json_type} NOT NULL,
-            error_code TEXT,
-            cancel_reason TEXT
-        );
-        CREATE INDEX runs_thread ON runs (thread_id, started_at);
-
-        CREATE TABLE tool_calls (
-            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
-            ordinal INTEGER NOT NULL,
-            id TEXT NOT NULL,
-            name TEXT NOT NULL,
-            args {json_type} NOT NULL,
-            result {json_type},
-            error TEXT,
-            duration_ms BIGINT NOT NULL,
-            PRIMARY KEY (run_id, ordinal)
-        )
-        """,
-    ),
-    (
-        2,
-        # A message that starts a thread is idempotent too: its client id is
-        # unique among the threads its user started (NULLs never conflict).
-        """
-        ALTER TABLE threads ADD COLUMN client_id TEXT;
-        CREATE UNIQUE INDEX threads_user_client ON threads (user_id, client_id)
-        """,
-    ),
-    (
-        3,
-        # The node (process) that runs each run, so the runs a dead node left
-        # running can be found and closed; the partial index holds only the
-        # running ones, so finding them never scans the history.
-        """
-        ALTER TABLE runs ADD COLUMN node_id TEXT;
-        CREATE INDEX runs_running_node ON runs (node_id) WHERE status = 'running'
-        """,
-    ),
-)
-
-
-def statements(sql: str, dialect: Dialect) -> list[str]:
-    """One migration step as single statements, for drivers that run one at a time."""
-    text = sql.format(json_type=dialect.json_type, serial_pk=dialect.serial_pk)
-    return [s.strip() for s in text.split(";") if s.strip()]
-
-
 @attrs.frozen
 class Db:
     """One borrowed connection, inside one transaction, speaking one dialect."""
@@ -192,35 +105,6 @@ class Db:
 
     def all(self, sql: str, *params: Any) -> list[Any]:
         return self.run(sql, *params).fetchall()
-
-
-# -- migrations -----------------------------------------------------------
-
-
-def migrate(db: Db) -> int:
-    """Apply the pending steps in the caller's (write) transaction, so a failed
-    step leaves the database at the previous version. Returns the version."""
-    if db.dialect.migration_lock:
-        db.run(db.dialect.migration_lock)
-    db.run(
-        "CREATE TABLE IF NOT EXISTS schema_version ("
-        " version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
-    )
-    current = db.one("SELECT MAX(version) FROM schema_version")[0] or 0
-    latest = MIGRATIONS[-1][0]
-    if current > latest:
-        # An older netra must not write into tables it does not understand.
-        raise StoreError("the database schema is newer than this netra")
-    for version, sql in MIGRATIONS:
-        if version > current:
-            for statement in statements(sql, db.dialect):
-                db.run(statement)
-            db.run(
-                "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
-                version,
-                time.time(),
-            )
-    return latest
 
 
 def ping(db: Db) -> None:

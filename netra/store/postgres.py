@@ -36,7 +36,7 @@ import trio
 
 from ..config import Config
 from ..errors import StoreError
-from . import _schema
+from . import _migrations, _schema
 from ._batch import Call, GroupCommit, Result, WriteFailed, write_all, write_each
 from ._gate import Gate
 from ._operations import SqlOperations
@@ -195,7 +195,7 @@ class PostgresStore(SqlOperations):
         self._commits = GroupCommit(gate, self._work_batch, max_batch=self.max_batch)
         try:
             await trio.to_thread.run_sync(self._start, pool)
-            await self._call(_schema.migrate)
+            await self._call(_migrations.migrate)
             await self._start_node(AdvisoryClaims(url, kwargs, self.config.store_timeout_s))
         except BaseException:
             await self.aclose()

@@ -44,7 +44,7 @@ import trio
 
 from ..config import Config
 from ..errors import NetraError, StoreError
-from . import _schema
+from . import _migrations, _schema
 from ._batch import Call, GroupCommit, Result, WriteFailed, write_all, write_each
 from ._gate import Gate
 from ._nodes import FileClaims
@@ -226,7 +226,7 @@ class SQLiteStore(SqlOperations):
             self._conns, self._tempdir, nodes = await trio.to_thread.run_sync(
                 self._prepare, database, uri
             )
-            await self._call(_schema.migrate, write=True)
+            await self._call(_migrations.migrate, write=True)
             claims = None if nodes is None else FileClaims(nodes, self.config.store_timeout_s)
             await self._start_node(claims)
         except BaseException:

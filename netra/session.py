@@ -79,6 +79,7 @@ class Session:
     _nursery: trio.Nursery | None = None
     _received_all: trio.Event = attrs.field(factory=trio.Event)
     _expires_at: float = math.inf  # trio time at which the token's grace ends
+    _expiry: trio.CancelScope | None = None  # the reading, under the token's deadline
 
     def __attrs_post_init__(self) -> None:
         c = self.hub.config
@@ -156,6 +157,8 @@ class Session:
         grace = self.hub.config.token_expiry_grace_s
         left = self.identity.expires_at + grace - time.time()
         self._expires_at = trio.current_time() + max(0.0, left)
+        if self._expiry is not None:
+            self._expiry.deadline = self._expires_at
 
     # -- outgoing -----------------------------------------------------------------
 
@@ -251,52 +254,56 @@ class Session:
     async def _receive_loop(self) -> None:
         """Read client messages until the peer closes or is gone. After this
         side starts closing, frames are read and dropped until the peer's
-        close frame (the close handshake), so its socket never fills up."""
-        c = self.hub.config
+        close frame (the close handshake), so its socket never fills up. The
+        token's expiry is the deadline of one scope around the reading,
+        moved by a refresh."""
         transport = self.transport
         try:
-            while True:
-                with trio.move_on_at(self._expires_at) as expiry:
-                    frame = await transport.receive()
-                if expiry.cancelled_caught:
-                    self._expires_at = math.inf
-                    self.close(errors.CLOSE_UNAUTHORIZED, "token expired", cause="token_expired")
-                    continue
-                if frame is None:
-                    break
-                if self.closing:
-                    continue
-                try:
-                    message = parse_client_message(
-                        frame, max_bytes=c.max_message_bytes, max_text_chars=c.max_text_chars
-                    )
-                except NetraError as exc:
-                    self.bad_frames += 1
-                    self.hub.metrics.bad_frames.labels(exc.code).inc()
-                    if self.bad_frames > c.max_bad_frames:
-                        self.close(errors.CLOSE_PROTOCOL_ABUSE, "too many bad frames", cause="protocol_abuse")
-                    else:
-                        self.send(error_event(exc))
-                    continue
-                if not self.bucket.take():
-                    self.hub.metrics.bad_frames.labels("rate_limited").inc()
-                    if self.bucket.refusals >= c.rate_abuse_limit:
-                        self._close_flooding()
-                    else:
-                        self.send(Error(
-                            code="rate_limited", message="too many messages; slow down",
-                            ref=getattr(message, "id", None), retry_after_ms=self.bucket.retry_after_ms(),
-                        ))
-                    continue
-                try:
-                    self._dispatch(message)
-                except NetraError as exc:
-                    self.send(error_event(exc, ref=getattr(message, "id", None)))
+            with trio.CancelScope(deadline=self._expires_at) as self._expiry:
+                await self._read_messages()
+            if self._expiry.cancelled_caught:
+                self.close(errors.CLOSE_UNAUTHORIZED, "token expired", cause="token_expired")
+            if self.closing:
+                while await transport.receive() is not None:
+                    pass
         finally:
             self._received_all.set()
         if not self.closing:  # the peer closed, or went away
             self.close(None, cause="disconnect")
         await trio.sleep_forever()  # the close sequence cancels the nursery
+
+    async def _read_messages(self) -> None:
+        c = self.hub.config
+        transport = self.transport
+        bucket = self.bucket
+        while not self.closing:
+            frame = await transport.receive()
+            if frame is None:
+                return
+            try:
+                message = parse_client_message(frame, max_bytes=c.max_message_bytes, max_text_chars=c.max_text_chars)
+            except NetraError as exc:
+                self.bad_frames += 1
+                self.hub.metrics.bad_frames.labels(exc.code).inc()
+                if self.bad_frames > c.max_bad_frames:
+                    self.close(errors.CLOSE_PROTOCOL_ABUSE, "too many bad frames", cause="protocol_abuse")
+                else:
+                    self.send(error_event(exc))
+                continue
+            if not bucket.take():
+                self.hub.metrics.bad_frames.labels("rate_limited").inc()
+                if bucket.refusals >= c.rate_abuse_limit:
+                    self._close_flooding()
+                else:
+                    self.send(Error(
+                        code="rate_limited", message="too many messages; slow down",
+                        ref=getattr(message, "id", None), retry_after_ms=bucket.retry_after_ms(),
+                    ))
+                continue
+            try:
+                self._dispatch(message)
+            except NetraError as exc:
+                self.send(error_event(exc, ref=getattr(message, "id", None)))
 
     def _dispatch(self, message: Any) -> None:
         match message:

@@ -402,9 +402,15 @@ async def test_per_tool_concurrency():
 
 
 async def test_slow_consumer_is_closed_and_freed():
-    async with scenario(write_timeout_s=0.5, close_timeout_s=0.5, max_output_bytes=10**8) as server:
+    """A client that stops reading while its run streams: its writes stop
+    draining, and write_timeout_s later its run is cancelled and it is
+    closed 4430 (cut, since it reads nothing), all within a few seconds."""
+    overrides = dict(write_timeout_s=0.5, close_timeout_s=0.5, max_output_bytes=10**8, scripted_delay_ms=1)
+    async with scenario(**overrides) as server:
         raw = await open_raw(server.ws_url, token_for(server, "slow"), rcvbuf=4096)
         assert (await raw.read_event())["type"] == "connected"
+        [session] = [x for x in server.hub.sessions if x.identity.user_id == "slow"]
+        session.transport._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         await raw.send_json({"type": "user_message", "text": "[[stream:60000]] flood me"})
         opened = trio.current_time()
         with trio.fail_after(10):
@@ -414,6 +420,7 @@ async def test_slow_consumer_is_closed_and_freed():
         assert server.hub.metrics.slow_consumer_closes._value.get() == 1
         assert server.hub.metrics.runs_finished.labels("cancelled", "slow_consumer")._value.get() == 1
         assert by_label(server.hub.metrics.runs_failed) == {"slow_consumer": 1}
+        assert server.hub.metrics.deltas_merged._value.get() > 0  # behind: deltas merged, not piled up
         await raw.stream.aclose()
 
 

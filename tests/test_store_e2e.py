@@ -42,7 +42,9 @@ class RecordingModel:
 
 @asynccontextmanager
 async def stored_server(backend, **overrides):
-    model = overrides.pop("model", None) or RecordingModel()
+    model = overrides.pop("model", None) or RecordingModel(
+        inner=ScriptedModel(delay_ms=overrides.get("scripted_delay_ms", 0.0))
+    )
     config = config_for_tests(database_url=backend.url, store_pool_size=4, **overrides)
     store = MemoryStore() if backend.name == "memory" else "config"
     async with (

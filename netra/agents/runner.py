@@ -252,6 +252,9 @@ class AgentLoop:
         args = tool.parse_arguments(raw_arguments)
         timeout = tool.timeout_s if tool.timeout_s is not None else self.limits.tool_timeout_s
         limiter = self.tool_limiters.get(tool.name)
+        if not tool.is_async and not tool.blocking and limiter is None:
+            # runs inline, start to end, in this task: nothing to time out or wait for
+            return _bounded(await tool.invoke(args), self.limits.max_tool_result_bytes)
         with trio.fail_after(timeout if math.isfinite(timeout) else math.inf):
             if limiter is None:
                 result = await tool.invoke(args)

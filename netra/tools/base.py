@@ -142,7 +142,7 @@ class Tool:
         if self.is_async:
             return await self.fn(**args)
         if not self.blocking:
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint_if_cancelled()
             return self.fn(**args)
         return await trio.to_thread.run_sync(
             functools.partial(self.fn, **args), limiter=limiter, abandon_on_cancel=True

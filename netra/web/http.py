@@ -9,6 +9,12 @@ it a client that stops reading (say, one pipelining requests without
 reading the responses) would hold the connection forever; a deadline inside
 the write still fires under that shield, and a write the client has not
 taken within ``write_timeout_s`` cuts the connection.
+
+Once a write has failed (cut by the deadline, or reset by the client),
+nothing more can happen on that connection, so netra cancels hypercorn's
+handler for it too: hypercorn's reader of a connection whose pipelined
+requests paused it waits for a wake-up that a failed write never sends,
+which would keep the socket and its tasks forever.
 """
 
 from __future__ import annotations
@@ -34,12 +40,14 @@ class DeadlineStream(trio.abc.HalfCloseableStream):
     """A socket stream that replays ``buffered`` first and bounds every write."""
 
     def __init__(
-        self, sock: socket.socket, buffered: bytes, *, write_timeout_s: float, on_abort: Any = None
+        self, sock: socket.socket, buffered: bytes, *, write_timeout_s: float,
+        on_abort: Any = None, on_broken: Any = None,
     ) -> None:
         self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         self._buffered = buffered
         self._write_timeout_s = write_timeout_s
-        self._on_abort = on_abort
+        self._on_abort = on_abort  # a write passed its deadline
+        self._on_broken = on_broken  # a write failed, whatever the reason
 
     @property
     def socket(self) -> trio.socket.SocketType:
@@ -47,11 +55,22 @@ class DeadlineStream(trio.abc.HalfCloseableStream):
         return self._stream.socket
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        with trio.move_on_after(self._write_timeout_s):
-            await self._stream.send_all(data)
-            return
+        try:
+            with trio.move_on_after(self._write_timeout_s):
+                await self._stream.send_all(data)
+                return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._broken()
+            raise
         self.abort()
+        if self._on_abort is not None:
+            self._on_abort()
+        self._broken()
         raise trio.BrokenResourceError("the client did not take a response within the write deadline")
+
+    def _broken(self) -> None:
+        if self._on_broken is not None:
+            self._on_broken()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
@@ -79,8 +98,6 @@ class DeadlineStream(trio.abc.HalfCloseableStream):
         except OSError:
             pass
         sock.close()  # trio's close notifies every task waiting on it
-        if self._on_abort is not None:
-            self._on_abort()
 
 
 class HttpSide:
@@ -109,9 +126,13 @@ class HttpSide:
         await self._lifespan.wait_for_shutdown()
 
     async def serve(self, sock: socket.socket, buffered: bytes) -> None:
-        stream = DeadlineStream(sock, buffered, write_timeout_s=self._write_timeout_s, on_abort=self._on_abort)
-        server = TCPServer(self._app, self._config, self._context, ConnectionState(self._state.copy()), stream)
-        await server.run()
+        with trio.CancelScope() as scope:
+            stream = DeadlineStream(
+                sock, buffered, write_timeout_s=self._write_timeout_s,
+                on_abort=self._on_abort, on_broken=scope.cancel,
+            )
+            server = TCPServer(self._app, self._config, self._context, ConnectionState(self._state.copy()), stream)
+            await server.run()
 
     async def terminate(self) -> None:
         """Ask keep-alive connections to close after their current request."""

@@ -85,6 +85,19 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raise_open_file_limit() -> None:
+    """Every connection is a file descriptor: take the hard limit, not the
+    soft default (often 1024), so max_connections is what limits them."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def _serve(args: argparse.Namespace) -> int:
     from . import logs
     from .hub import Hub
@@ -99,6 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"netra serve: {exc}", file=sys.stderr)
         return 2
     logs.configure(config.log_level)
+    _raise_open_file_limit()
     try:
         hub = Hub.build(config)
     except (ValueError, ImportError) as exc:

@@ -172,7 +172,7 @@ class Hub:
         state = self.users.get(user_id)
         if state is None:
             state = self.users[user_id] = UserState(
-                user_id=user_id, run_limiter=trio.CapacityLimiter(self.config.max_runs_per_user)
+                user_id=user_id, max_runs=self.config.max_runs_per_user
             )
         return state
 

@@ -63,11 +63,19 @@ class UserState:
     """What one user holds across all their connections. Dropped when idle."""
 
     user_id: str
-    run_limiter: trio.CapacityLimiter
+    max_runs: int
     connections: set[Any] = attrs.field(factory=set)
     threads: dict[str, ThreadState] = attrs.field(factory=dict)
     runs: set[Any] = attrs.field(factory=set)  # every live Run of this user
     pending: int = 0  # runs accepted but waiting (thread or capacity)
+    _run_limiter: trio.CapacityLimiter | None = None
+
+    @property
+    def run_limiter(self) -> trio.CapacityLimiter:
+        """The per-user run limit, made on the first run (idle users hold none)."""
+        if self._run_limiter is None:
+            self._run_limiter = trio.CapacityLimiter(self.max_runs)
+        return self._run_limiter
 
     @property
     def idle(self) -> bool:

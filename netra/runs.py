@@ -142,13 +142,24 @@ class RunTable:
     runs: dict[str, Run] = attrs.field(factory=dict)
     #: Runs whose events this session may carry (the sink's isolation check).
     owned: set[str] = attrs.field(factory=set)
-    limiter: trio.CapacityLimiter = attrs.field(init=False)
-    idle: trio.Event = attrs.field(factory=trio.Event)
     nursery: trio.Nursery | None = None
+    # made on first use: most connections sit idle most of the time
+    _limiter: trio.CapacityLimiter | None = None
+    _idle: trio.Event | None = None
 
-    def __attrs_post_init__(self) -> None:
-        self.limiter = trio.CapacityLimiter(self.hub.config.max_runs_per_connection)
-        self.idle.set()
+    @property
+    def limiter(self) -> trio.CapacityLimiter:
+        """The per-session run limit."""
+        if self._limiter is None:
+            self._limiter = trio.CapacityLimiter(self.hub.config.max_runs_per_connection)
+        return self._limiter
+
+    async def wait_idle(self) -> None:
+        """Until no run of this session is left."""
+        if self.runs:
+            if self._idle is None:
+                self._idle = trio.Event()
+            await self._idle.wait()
 
     # -- admission ------------------------------------------------------------
 
@@ -182,8 +193,6 @@ class RunTable:
         )
         self.runs[run.id] = run
         self.owned.add(run.id)
-        if self.idle.is_set():
-            self.idle = trio.Event()
         user.runs.add(run)
         thread.waiting.append(run)
         user.pending += 1
@@ -473,8 +482,9 @@ class RunTable:
         self.runs.pop(run.id, None)
         if run.terminal is None:
             self.owned.discard(run.id)
-        if not self.runs:
-            self.idle.set()
+        if not self.runs and self._idle is not None:
+            self._idle.set()
+            self._idle = None
         hub.forget_user_if_idle(user)
 
     def _count_containment(self, run: Run, outcome: str) -> None:

@@ -142,7 +142,7 @@ class Session:
         answer it, after which the connection is cut."""
         transport = self.transport
         with trio.move_on_after(self.hub.config.close_timeout_s) as waited:
-            await self.runs.idle.wait()
+            await self.runs.wait_idle()
             self.flush()
             if code is not None:
                 transport.send_close(code, reason)

@@ -429,8 +429,11 @@ def report(out: dict[str, Any]) -> None:
     _log(f"machine: {m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, "
          f"Linux {m['kernel']}")
     src = out["meta"]["netra_source"]
-    _log(f"netra: {src.get('label') or ''} commit {src.get('commit')}, uncommitted netra files: "
-         f"{len(src.get('uncommitted_netra_files') or [])} ({src['tree']})")
+    what = [src["label"]] if src.get("label") else []
+    if src.get("commit"):
+        what.append(f"commit {src['commit']}, {len(src.get('uncommitted_netra_files') or [])} uncommitted "
+                    f"files under netra/")
+    _log(f"netra: {'; '.join(what) or 'commit unknown'} ({src['tree']})")
     meta = out["meta"]
     _log(f"busy per core before the bench: {meta['busy_per_core_before']}")
     _log(f"server cpus {meta['server_cpus']}, client cpus {meta['client_cpus']} ({meta['client_processes']} client "

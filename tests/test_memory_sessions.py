@@ -163,3 +163,33 @@ async def test_the_peers_close_code_is_recorded(autojump_clock):
             while server.hub.sessions:
                 await trio.sleep(0.05)
         assert server.hub.metrics.connections_closed.labels("4000")._value.get() == 1
+
+
+async def test_a_run_holds_its_slot_until_its_terminal_event_is_out(autojump_clock):
+    """With max_runs_per_user=1, a client never sees two runs open on the
+    wire, even when recording an outcome takes a while: the next run starts
+    only after the previous one's terminal event."""
+    from netra.store import MemoryStore
+
+    class SlowToRecord(MemoryStore):
+        async def finish_run(self, outcome):
+            await trio.sleep(1.0)
+            await super().finish_run(outcome)
+
+    config = config_for_tests(max_runs_per_user=1)
+    async with open_hub(config, store=SlowToRecord()) as server:
+        async with server.connect(user_id="one") as conn:
+            for i in range(3):
+                await conn.send({"type": "user_message", "text": CALC, "id": f"m{i}"})
+            open_runs: set[str] = set()
+            most = ended = 0
+            with trio.fail_after(30):
+                while ended < 3:
+                    event = await conn.receive()
+                    if event["type"] == "agent_started":
+                        open_runs.add(event["run_id"])
+                        most = max(most, len(open_runs))
+                    elif event["type"] in ("agent_completed", "agent_error", "agent_cancelled"):
+                        open_runs.discard(event["run_id"])
+                        ended += 1
+            assert most == 1

@@ -61,6 +61,7 @@ class Hub:
     _tool_calls: dict[tuple[str, str], Any] = attrs.field(factory=dict, init=False)
     _tool_duration: dict[str, Any] = attrs.field(factory=dict, init=False)
     _model_turn: dict[str, Any] = attrs.field(factory=dict, init=False)
+    _run_limits: dict[str, RunLimits] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         c = self.config
@@ -156,8 +157,12 @@ class Hub:
             await aclose()
 
     def run_limits(self, agent: Any) -> RunLimits:
+        """An agent's limits for one run (made once per agent: agents are frozen)."""
+        limits = self._run_limits.get(agent.name)
+        if limits is not None and self.agents.agents.get(agent.name) is agent:
+            return limits
         c = self.config
-        return RunLimits(
+        limits = RunLimits(
             max_steps=agent.max_steps or c.max_steps,
             max_tool_calls=agent.max_tool_calls or c.max_tool_calls,
             tool_timeout_s=c.tool_timeout_s,
@@ -167,6 +172,9 @@ class Hub:
             max_tool_result_bytes=c.max_tool_result_bytes,
             cancel_emit_timeout_s=c.close_timeout_s,
         )
+        if self.agents.agents.get(agent.name) is agent:
+            self._run_limits[agent.name] = limits
+        return limits
 
     def user(self, user_id: str) -> UserState:
         state = self.users.get(user_id)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Final, Literal
 import attrs
 import orjson
 
+from . import _json
 from .errors import BadRequest, TooLarge, UnknownType
 
 SUBPROTOCOL: Final = "netra.v1"
@@ -302,11 +303,9 @@ def event_fields(event: Event) -> dict[str, Any]:
 def encode_event(event: Event, *, seq: int, ts: int) -> bytes:
     """Serialise one event, with its per-session ``seq`` and ``ts`` (epoch
     ms), to the UTF-8 JSON of a text frame."""
-    obj = {"type": event.type, "seq": seq, "ts": ts, **event_fields(event)}
-    try:
-        return orjson.dumps(obj, default=str, option=orjson.OPT_NON_STR_KEYS)
-    except TypeError:  # an integer beyond 64 bits in a tool's result
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=str).encode()
+    obj = {"type": event.type, "seq": seq, "ts": ts}
+    obj.update(event_fields(event))
+    return _json.dumps(obj)
 
 
 def error_event(exc: Exception, *, ref: str | None = None) -> Error:

@@ -12,7 +12,6 @@ run goes on); a model failure ends the run with ``llm_error``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import attrs
 import trio
 
+from .. import _json
 from ..errors import LLMError, NetraError, ToolError
 from ..models.base import (
     ChatMessage,
@@ -130,15 +130,15 @@ class AgentLoop:
         outcome = "error"
         limiter = self.model_limiter
         try:
-            with trio.CancelScope() as waiting:
-                try:
-                    limiter.acquire_nowait()
-                except trio.WouldBlock:
-                    await limiter.acquire()
-                try:
-                    started = now = trio.current_time()
-                    waiting.deadline = armed = now + timeout
-                    slack = timeout * 0.01
+            try:
+                limiter.acquire_nowait()
+            except trio.WouldBlock:
+                await limiter.acquire()
+            try:
+                started = now = trio.current_time()
+                armed = now + timeout
+                slack = timeout * 0.01
+                with trio.CancelScope(deadline=armed) as waiting:
                     async with self.model.stream(request) as events:
                         async for event in events:
                             now = trio.current_time()
@@ -150,8 +150,8 @@ class AgentLoop:
                             elif now + timeout - armed > slack:
                                 waiting.deadline = armed = now + timeout
                             self._handle(event, step, calls, turn_text)
-                finally:
-                    limiter.release()
+            finally:
+                limiter.release()
             outcome = "timeout" if waiting.cancelled_caught else "ok"
         except trio.Cancelled:
             outcome = "cancelled"
@@ -208,7 +208,7 @@ class AgentLoop:
         error: str | None = None
         result: Any = None
         try:
-            args = json.loads(call.arguments or "{}")
+            args = _json.loads(call.arguments or "{}")
             if not isinstance(args, dict):
                 args = {"_raw": call.arguments[:1000]}
         except ValueError:
@@ -245,7 +245,7 @@ class AgentLoop:
         self.tool_calls.append(record)
         self.on_tool_call(record, outcome)
         self.emit(self._completed(call, record))
-        content = json.dumps({"error": error} if error is not None else result, default=str)
+        content = _json.dumps_str({"error": error} if error is not None else result)
         results[call.id] = ChatMessage(role="tool", content=content, tool_call_id=call.id, name=call.name)
 
     async def _invoke(self, tool: Tool, raw_arguments: str) -> Any:
@@ -297,13 +297,14 @@ class AgentLoop:
 def _bounded(result: Any, limit: int) -> Any:
     """Keep a tool result JSON-serialisable and within ``limit`` bytes."""
     try:
-        text = json.dumps(result, default=str)
+        data = _json.dumps(result)
     except (TypeError, ValueError):
-        text = json.dumps(str(result))
         result = str(result)
-    if len(text) <= limit:
-        return json.loads(text) if not isinstance(result, (str, int, float, bool, type(None), dict, list)) else result
-    return {"truncated": True, "bytes": len(text), "preview": text[: min(limit, 4096)]}
+        data = _json.dumps(result)
+    if len(data) <= limit:
+        return _json.loads(data) if not isinstance(result, (str, int, float, bool, type(None), dict, list)) else result
+    text = data.decode("utf-8", "replace")
+    return {"truncated": True, "bytes": len(data), "preview": text[: min(limit, 4096)]}
 
 
 def agent_tools(agent: Agent, registry: ToolRegistry, extra: tuple[str, ...] = ()) -> ToolRegistry:

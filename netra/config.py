@@ -25,11 +25,23 @@ def _doc(text: str, **kwargs: Any) -> Any:
     return attrs.field(metadata={"doc": text}, **kwargs)
 
 
+def _check_workers(_config: Any, _field: Any, value: str) -> None:
+    if value != "auto" and not (value.isascii() and value.isdigit() and int(value) >= 1):
+        raise ValueError(f"workers: expected a number of processes (1 or more) or auto, got {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     # -- network ----------------------------------------------------------
     host: str = _doc("Interface to listen on.", default="127.0.0.1")
     port: int = _doc("TCP port; 0 picks a free one.", default=8000)
+    workers: str = _doc(
+        "Server processes sharing the port (see docs/deployment.md): a number, or `auto` for one per "
+        "core; 1 is one process and no supervisor.",
+        default="1",
+        converter=str,
+        validator=_check_workers,
+    )
     allowed_origins: tuple[str, ...] = _doc(
         "Origins allowed to open /ws besides the server's own; '*' allows any.",
         default=(),
@@ -117,6 +129,16 @@ class Config:
     heartbeat_interval_s: float = _doc("Server ping interval; 0 disables the heartbeat.", default=20.0)
     heartbeat_timeout_s: float = _doc(
         "A peer silent for interval + timeout is treated as gone.", default=20.0
+    )
+
+    # -- sessions that survive a dropped connection ------------------------
+    resume_window_s: float = _doc(
+        "How long a session whose connection dropped (no close frame) keeps its runs and events for a "
+        "resume; 0: a drop cancels its runs at once.",
+        default=30.0,
+    )
+    resume_buffer_bytes: int = _doc(
+        "Sent events a session keeps for a resume (older ones: resync_required).", default=262144
     )
 
     # -- shutdown -----------------------------------------------------------

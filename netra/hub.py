@@ -49,6 +49,8 @@ class Hub:
     agent_specs: dict[str, tuple[Any, ...]] = attrs.field(init=False)
     users: dict[str, UserState] = attrs.field(factory=dict)
     sessions: set[Any] = attrs.field(factory=set)
+    #: Sessions a dropped connection may resume, by session id.
+    resumable: dict[str, Any] = attrs.field(factory=dict)
     queued_runs: int = 0
     #: Tools every agent may call besides its own (chaos tools, tools given to build()).
     shared_tools: tuple[str, ...] = ()
@@ -209,6 +211,7 @@ class Hub:
             "heartbeat_interval_s": c.heartbeat_interval_s,
             "auth_timeout_s": c.auth_timeout_s,
             "default_multitask": c.default_multitask,
+            "resume_window_s": c.resume_window_s,
         }
 
     def snapshot(self) -> dict[str, Any]:

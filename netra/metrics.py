@@ -128,6 +128,18 @@ class Metrics:
             registry=s.registry,
         )
     )
+    sessions_detached: Counter = _registry_field(
+        lambda s: Counter(
+            "netra_sessions_detached", "Sessions whose connection dropped and that waited for a resume.",
+            registry=s.registry,
+        )
+    )
+    sessions_resumed: Counter = _registry_field(
+        lambda s: Counter(
+            "netra_sessions_resumed", "Resumes, by outcome (resumed: events replayed; resync_required).",
+            ["outcome"], registry=s.registry,
+        )
+    )
     open_sockets: Gauge = _registry_field(
         lambda s: Gauge(
             "netra_open_sockets", "Client connections open now, WebSocket and HTTP, authenticated or not.",

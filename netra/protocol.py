@@ -62,7 +62,18 @@ class Ping:
     id: str | None = None
 
 
-ClientMessage = Auth | UserMessage | Cancel | Ping
+@attrs.frozen(kw_only=True)
+class Resume:
+    """Take a dropped session over on this connection (first, after auth)."""
+
+    type: ClassVar[Literal["resume"]] = "resume"
+    session_id: str
+    resume_token: str = attrs.field(repr=False)
+    last_seq: int
+    id: str | None = None
+
+
+ClientMessage = Auth | UserMessage | Cancel | Ping | Resume
 
 
 def _opt_str(obj: dict[str, Any], key: str, *, ref: str | None, limit: int = _MAX_ID_CHARS) -> str | None:
@@ -125,6 +136,15 @@ def parse_client_message(
             return Cancel(run_id=run_id, thread_id=thread_id, id=msg_id)
         case "ping":
             return Ping(id=msg_id)
+        case "resume":
+            session_id = _opt_str(obj, "session_id", ref=ref)
+            token = _opt_str(obj, "resume_token", ref=ref)
+            last_seq = obj.get("last_seq")
+            if session_id is None or token is None:
+                raise BadRequest("'resume' needs 'session_id' and 'resume_token' strings", ref=ref)
+            if type(last_seq) is not int or not 0 <= last_seq < 1 << 53:
+                raise BadRequest("'resume' needs 'last_seq', a whole number from 0", ref=ref)
+            return Resume(session_id=session_id, resume_token=token, last_seq=last_seq, id=msg_id)
         case _:
             raise UnknownType(f"unknown message type {kind[:40]!r}", ref=ref)
 
@@ -145,6 +165,8 @@ EventType = Literal[
     "agent_cancelled",
     "error",
     "pong",
+    "resumed",
+    "resync_required",
 ]
 
 #: The events that end a run. Exactly one per run, and nothing after it.
@@ -156,6 +178,9 @@ class Connected:
     type: ClassVar[Literal["connected"]] = "connected"
     connection_id: str
     user_id: str
+    #: The session a dropped connection can resume (with ``resume_token``).
+    session_id: str | None = None
+    resume_token: str | None = None
     limits: dict[str, Any]
     server_version: str
     protocol: str = SUBPROTOCOL
@@ -271,6 +296,29 @@ class Pong:
         return {"id": self.id}  # always present, null when the ping had none
 
 
+@attrs.frozen(kw_only=True)
+class Resumed:
+    """The session is back on this connection. Its ``seq`` repeats the
+    client's ``last_seq`` (it does not advance the numbering); the events
+    after it follow, then live ones."""
+
+    type: ClassVar[Literal["resumed"]] = "resumed"
+    session_id: str
+    last_seq: int
+    replayed: int
+
+
+@attrs.frozen(kw_only=True)
+class ResyncRequired:
+    """The session is back, but the events after ``last_seq`` are no longer
+    kept: read the threads back over HTTP. Its ``seq`` is the session's
+    latest; live events follow from the next one."""
+
+    type: ClassVar[Literal["resync_required"]] = "resync_required"
+    session_id: str
+    last_seq: int
+
+
 Event = (
     Connected
     | RunQueued
@@ -284,6 +332,8 @@ Event = (
     | AgentCancelled
     | Error
     | Pong
+    | Resumed
+    | ResyncRequired
 )
 
 
@@ -330,7 +380,7 @@ _EVENT_CLASSES: Final[dict[str, type]] = {
     cls.type: cls
     for cls in (
         Connected, RunQueued, AgentStarted, AgentThinking, ToolExecuting, ToolCompleted,
-        TextDelta, AgentCompleted, AgentError, AgentCancelled, Error, Pong,
+        TextDelta, AgentCompleted, AgentError, AgentCancelled, Error, Pong, Resumed, ResyncRequired,
     )
 }
 

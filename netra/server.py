@@ -54,7 +54,7 @@ async def drain(hub: Hub, *, poll_s: float = 0.02) -> None:
     with trio.move_on_after(hub.config.drain_grace_s):
         while True:
             for session in list(hub.sessions):
-                if not session.runs:
+                if not session.runs.runs:
                     _shut(session)
             if not hub.sessions:
                 break

@@ -19,8 +19,11 @@ close frame cannot be delivered within ``close_timeout_s``.
 
 from __future__ import annotations
 
+import collections
+import hmac
 import logging
 import math
+import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +36,9 @@ from .errors import NetraError
 from .limits import TokenBucket
 from .protocol import (
     TERMINAL,
+    Resume,
+    Resumed,
+    ResyncRequired,
     Auth,
     Cancel,
     Connected,
@@ -49,6 +55,7 @@ from .protocol import (
 )
 from .runs import RunTable
 from .transport import Transport
+from .transport.frames import CLOSE_ABNORMAL
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -80,10 +87,28 @@ class Session:
     _received_all: trio.Event = attrs.field(factory=trio.Event)
     _expires_at: float = math.inf  # trio time at which the token's grace ends
     _expiry: trio.CancelScope | None = None  # the reading, under the token's deadline
+    #: Resumable sessions (resume_window_s > 0): its id and secret, the sent
+    #: events it keeps for a replay, and its state while no connection carries it.
+    session_id: str = attrs.field(init=False)
+    resume_token: str | None = None
+    _retained: collections.deque[tuple[int, bytes]] | None = None
+    _retained_bytes: int = 0
+    _retained_after: int = 0  # every event after this seq is retained
+    detached: bool = False
+    _incoming: tuple[Transport, int, trio.Event] | None = None  # a resume waiting to attach
+    _attached: trio.Event | None = None
+    _released: trio.Event | None = None  # set when this session stops using its transport
+    #: The session this connection handed its transport to (a resume), and
+    #: what tells this connection when that session is done with it.
+    handed_to: Session | None = None
+    handed_released: trio.Event | None = None
 
     def __attrs_post_init__(self) -> None:
         c = self.hub.config
         self.connection_id = self.hub.ids.new("conn")
+        self.session_id = self.hub.ids.new("ses")
+        if c.resume_window_s > 0:
+            self.resume_token = secrets.token_urlsafe(24)
         self.runs = RunTable(self.hub, self.user, self)
         self.bucket = TokenBucket(c.rate_per_s, c.rate_burst)
         self.transport.on_stalled = self.slow_consumer
@@ -96,6 +121,8 @@ class Session:
         hub, m = self.hub, self.hub.metrics
         hub.sessions.add(self)
         self.user.connections.add(self)
+        if self.resume_token is not None:
+            hub.resumable[self.session_id] = self
         m.connections_opened.inc()
         m.connections_open.inc()
         ids = {"connection_id": self.connection_id, "user_id": self.identity.user_id}
@@ -109,16 +136,22 @@ class Session:
                     user_id=self.identity.user_id,
                     limits=hub.limits_advertised(),
                     server_version=hub.version,
+                    session_id=self.session_id,
+                    resume_token=self.resume_token,
                 ))
                 await self._receive_loop()
         finally:
+            if hub.resumable.get(self.session_id) is self:
+                del hub.resumable[self.session_id]
+            if self._released is not None:
+                self._released.set()
             hub.sessions.discard(self)
             self.user.connections.discard(self)
             hub.forget_user_if_idle(self.user)
             m.connections_open.dec()
             t = self.transport
             code = next((c for c in (self.close_code, t.local_close_code, t.peer_close_code) if c is not None), None)
-            label = str(code) if code is not None else "unknown"
+            label = "resumed" if self.handed_to is not None else str(code) if code is not None else "unknown"
             m.connections_closed.labels(label).inc()
             log.info("connection closed", extra={**ids, "code": label, "lost": self.transport.lost})
 
@@ -164,11 +197,12 @@ class Session:
 
     def send(self, event: Event) -> None:
         """Queue an event for the client. Never blocks; after a close, or
-        once the transport can send nothing more, events are dropped."""
-        if self.transport.send_closed:
+        once the transport can send nothing more (and no resume can come),
+        events are dropped."""
+        if self.transport.send_closed and (self.closing or self.resume_token is None):
             return
         pending = self._pending
-        if self.transport.backlogged:
+        if self.transport.backlogged and not self.detached:
             if self._coalesce(event):
                 return
             if len(pending) >= self.hub.config.outbox_size:
@@ -207,7 +241,7 @@ class Session:
     def flush(self) -> None:
         """Encode what is pending and hand it to the transport in one write."""
         self._dirty = False
-        if not self._pending or self.transport.backlogged:
+        if not self._pending or (self.transport.backlogged and not self.detached):
             return
         events, self._pending = self._pending, []
         self._merge.clear()
@@ -228,7 +262,24 @@ class Session:
             payloads.append(encode_event(item, seq=seq, ts=ts))
         self.seq = seq
         if payloads:
-            self.transport.send(payloads)
+            if self.resume_token is not None:
+                self._retain(seq - len(payloads) + 1, payloads)
+            if not self.detached:
+                self.transport.send(payloads)
+
+    def _retain(self, first_seq: int, payloads: list[bytes]) -> None:
+        """Keep sent events for a resume, at most resume_buffer_bytes of them."""
+        retained = self._retained
+        if retained is None:
+            retained = self._retained = collections.deque()
+        for i, payload in enumerate(payloads):
+            retained.append((first_seq + i, payload))
+            self._retained_bytes += len(payload)
+        limit = self.hub.config.resume_buffer_bytes
+        while self._retained_bytes > limit and retained:
+            dropped_seq, dropped = retained.popleft()
+            self._retained_bytes -= len(dropped)
+            self._retained_after = dropped_seq
 
     def slow_consumer(self) -> None:
         """The client does not read its events: close 4430 (the socket is cut
@@ -256,21 +307,122 @@ class Session:
         side starts closing, frames are read and dropped until the peer's
         close frame (the close handshake), so its socket never fills up. The
         token's expiry is the deadline of one scope around the reading,
-        moved by a refresh."""
-        transport = self.transport
-        try:
-            with trio.CancelScope(deadline=self._expires_at) as self._expiry:
-                await self._read_messages()
-            if self._expiry.cancelled_caught:
-                self.close(errors.CLOSE_UNAUTHORIZED, "token expired", cause="token_expired")
-            if self.closing:
-                while await transport.receive() is not None:
-                    pass
-        finally:
-            self._received_all.set()
-        if not self.closing:  # the peer closed, or went away
+        moved by a refresh. A connection that drops without a close frame
+        leaves a resumable session waiting ``resume_window_s`` for a resume,
+        its runs going on; a resume hands it a new transport and reading
+        goes on there."""
+        while True:
+            transport = self.transport
+            try:
+                with trio.CancelScope(deadline=self._expires_at) as self._expiry:
+                    await self._read_messages()
+                if self._expiry.cancelled_caught:
+                    self.close(errors.CLOSE_UNAUTHORIZED, "token expired", cause="token_expired")
+                if self.closing:
+                    while await transport.receive() is not None:
+                        pass
+            finally:
+                self._received_all.set()
+            if self.handed_to is not None or self.closing or not await self._await_resume(transport):
+                break
+        if not self.closing and self.handed_to is None:  # the peer closed, or went away
             self.close(None, cause="disconnect")
+        if self.handed_to is not None:
+            return  # this connection's transport now carries another session
         await trio.sleep_forever()  # the close sequence cancels the nursery
+
+    async def _await_resume(self, dropped: Transport) -> bool:
+        """After ``dropped`` ended: True once a resume attached a new
+        transport; False when this session ends instead (a close frame, a
+        framing error, no resume window, or the window ran out)."""
+        if self._incoming is None and (
+            self.resume_token is None
+            or dropped.peer_close_code != CLOSE_ABNORMAL
+            or dropped.local_close_code is not None
+        ):
+            return False
+        self.detached = True
+        if self._released is not None:  # the connection that lent it may close it now
+            self._released.set()
+            self._released = None
+        await dropped.aclose()
+        if self._incoming is None:
+            self.hub.metrics.sessions_detached.inc()
+            self._attached = trio.Event()
+            with trio.move_on_after(self.hub.config.resume_window_s):
+                await self._attached.wait()
+            self._attached = None
+        if self._incoming is None:
+            self.detached = False
+            return False
+        transport, last_seq, released = self._incoming
+        self._incoming = None
+        self._attach(transport, last_seq, released)
+        return True
+
+    def resume_here(self, transport: Transport, last_seq: int, released: trio.Event, identity: Identity) -> None:
+        """Take this session over onto ``transport`` (a verified resume), with
+        the newer connection's token. A session still attached is taken
+        from its connection, which its client has given up on (a half-open
+        TCP connection looks alive)."""
+        self._incoming = (transport, last_seq, released)
+        self.identity = identity
+        self._watch_expiry()
+        if self.detached:
+            if self._attached is not None:
+                self._attached.set()
+        else:
+            self.transport.abort()
+
+    def _attach(self, transport: Transport, last_seq: int, released: trio.Event) -> None:
+        assert self._nursery is not None
+        self.transport = transport
+        self._released = released
+        self._received_all = trio.Event()
+        transport.on_stalled = self.slow_consumer
+        transport.on_drained = self._drained
+        transport.start(self._nursery)
+        self.detached = False
+        self.flush()  # everything produced while detached is in the retained events now
+        retained = self._retained or ()
+        ts = int(time.time() * 1000)
+        if last_seq > self.seq:
+            last_seq = self.seq  # a client ahead of the server has nothing to replay
+        if last_seq < self._retained_after:
+            payloads = [encode_event(
+                ResyncRequired(session_id=self.session_id, last_seq=last_seq), seq=self.seq, ts=ts
+            )]
+            self.hub.metrics.sessions_resumed.labels("resync_required").inc()
+        else:
+            replay = [payload for seq, payload in retained if seq > last_seq]
+            payloads = [encode_event(
+                Resumed(session_id=self.session_id, last_seq=last_seq, replayed=len(replay)), seq=last_seq, ts=ts
+            ), *replay]
+            self.hub.metrics.sessions_resumed.labels("resumed").inc()
+        transport.send(payloads)
+        log.info("session resumed", extra={"connection_id": self.connection_id, "user_id": self.identity.user_id})
+
+    def _take_over(self, msg: Resume) -> None:
+        """A ``resume`` on this (new) connection: hand its transport to the
+        session named, when that is one of this user's, the token is its
+        own and nothing has happened here yet. Anything else is refused and
+        changes nothing."""
+        target = self.hub.resumable.get(msg.session_id)
+        if (
+            target is None
+            or target is self
+            or target.closing
+            or target.identity.user_id != self.identity.user_id
+            or target.resume_token is None
+            or not hmac.compare_digest(target.resume_token, msg.resume_token)
+        ):
+            raise errors.NotFound("no session to resume with that id and token (gone, or its window ran out)")
+        if self.runs.runs:
+            raise errors.BadRequest("resume before sending anything else on a connection")
+        self.flush()  # this connection's own connected event goes first
+        self.handed_released = trio.Event()
+        self.handed_to = target
+        target.resume_here(self.transport, msg.last_seq, self.handed_released, self.identity)
 
     async def _read_messages(self) -> None:
         c = self.hub.config
@@ -304,7 +456,8 @@ class Session:
                 self._dispatch(message)
             except NetraError as exc:
                 self.send(error_event(exc, ref=getattr(message, "id", None)))
-
+            if self.handed_to is not None:
+                return
     def _dispatch(self, message: Any) -> None:
         match message:
             case Ping(id=ping_id):
@@ -313,6 +466,8 @@ class Session:
                 self.runs.start(message)
             case Cancel(run_id=run_id, thread_id=thread_id):
                 self.runs.cancel(run_id=run_id, thread_id=thread_id, by=self.identity.user_id)
+            case Resume():
+                self._take_over(message)
             case Auth(token=token):
                 identity = self.hub.verifier.verify(token)  # Unauthorized -> error event
                 if identity.user_id != self.identity.user_id:

@@ -35,7 +35,8 @@ def config_for_tests(**overrides: Any) -> Config:
         jwt_secret=TEST_SECRET,
         database_url="none",
         chaos_tools=True,
-        heartbeat_interval_s=0.0,  # see netra.server.hypercorn_config
+        heartbeat_interval_s=0.0,  # tests that need the heartbeat turn it on
+        resume_window_s=0.0,  # a drop cancels its runs at once; resume tests turn it on
     )
     base.update(overrides)
     return Config(**base)

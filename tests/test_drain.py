@@ -78,3 +78,16 @@ async def test_sigterm_drains_and_exits_zero(tmp_path):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_sessions_without_runs_close_at_once_not_after_the_grace():
+    """Only running runs get the grace: idle connections are closed 1001 as
+    soon as the drain starts."""
+    async with open_server(config_for_tests(drain_grace_s=10.0, close_timeout_s=1.0)) as server:
+        with trio.fail_after(15):
+            async with connect(server.ws_url, token_for(server, "idle")) as idle:
+                began = trio.current_time()
+                server.request_stop()
+                assert (await idle.wait_closed()).code == 1001
+                assert trio.current_time() - began < 2.0
+            await server._stopped.wait()

@@ -24,7 +24,7 @@ def test_wire_names_are_permanent():
     assert set(typing.get_args(protocol.EventType)) == {
         "connected", "run_queued", "agent_started", "agent_thinking", "tool_executing",
         "tool_completed", "text_delta", "agent_completed", "agent_error", "agent_cancelled",
-        "error", "pong",
+        "error", "pong", "resumed", "resync_required",
     }
     assert set(typing.get_args(protocol.CancelReason)) == {
         "client", "interrupted", "disconnect", "shutdown", "timeout",

@@ -104,7 +104,10 @@ async def serve_transport(hub: Hub, transport: Transport, identity: Identity | N
         hub.forget_user_if_idle(user)
         m.connections_closed.labels(str(errors.CLOSE_TOO_MANY)).inc()
         return await close_now(transport, errors.CLOSE_TOO_MANY, "too many connections", c.close_timeout_s)
-    await Session(hub=hub, transport=transport, identity=identity, user=user).serve()
+    session = Session(hub=hub, transport=transport, identity=identity, user=user)
+    await session.serve()
+    if session.handed_released is not None:  # resumed another session: it reads this transport now
+        await session.handed_released.wait()
 
 
 async def close_now(transport: Transport, code: int, reason: str, timeout_s: float) -> None:

@@ -8,7 +8,10 @@
 
 One reader task per connection receives every frame, checks ``seq``, and
 routes run events to the ``run`` call that started them (matched first by
-the message ``id`` echoed as ``ref``, then by ``run_id``). Everything this
+the message ``id`` echoed as ``ref``, then by ``run_id``). When the
+connection drops without a close frame, the reader opens a new one and
+resumes the session (docs/protocol.md section 9): the runs being streamed
+go on, with no event lost or repeated. Everything this
 module raises is one of :mod:`netra.client._errors`; the transport's own
 exceptions are translated where the transport is called.
 """
@@ -50,15 +53,36 @@ class Connection:
     _pongs: dict[str, trio.Event] = attrs.field(factory=dict)
     closed: ConnectionClosed | None = None
     _closed_event: trio.Event = attrs.field(factory=trio.Event)
+    #: How to open another WebSocket for a resume (set by :func:`connect`).
+    _reopen: Any = None
+    #: Set while no WebSocket carries the session (a resume is under way).
+    _carried: trio.Event = attrs.field(factory=trio.Event)
+    #: Sessions resumed after a drop, and those that needed a resync.
+    resumes: int = 0
+    resyncs: int = 0
+    #: What the runs cut off by a resync raise.
+    lost_events: ConnectionClosed | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self._carried.set()
 
     @property
     def user_id(self) -> str:
         return self.connected["user_id"]
 
     async def send(self, message: dict[str, Any]) -> None:
+        """Send a message; during a resume, once the session is back."""
+        await self._carried.wait()
+        if self.closed is not None:
+            raise self.closed
         try:
             await self.ws.send_message(json.dumps(message))
         except trio_websocket.ConnectionClosed as exc:
+            if exc.reason.code == 1006 and self._may_resume():
+                await self._carried.wait()  # the reader is resuming: send there
+                if self.closed is None:
+                    await self.ws.send_message(json.dumps(message))
+                    return
             raise ConnectionClosed(exc.reason.code, exc.reason.reason) from None
 
     def run(
@@ -107,15 +131,24 @@ class Connection:
     async def _reader(self) -> None:
         try:
             while True:
-                received = _decode(await self.ws.get_message())
+                try:
+                    received = _decode(await self.ws.get_message())
+                except trio_websocket.ConnectionClosed as exc:
+                    if exc.reason.code == 1006 and self._may_resume():
+                        self._carried = trio.Event()
+                        try:
+                            if await self._resume():
+                                continue
+                        finally:
+                            self._carried.set()
+                    self.closed = ConnectionClosed(exc.reason.code, exc.reason.reason)
+                    return
                 if received.seq != self.last_seq + 1:
                     raise ProtocolError(f"seq gap: {self.last_seq} then {received.seq}")
                 self.last_seq = received.seq
                 if self.received is not None:
                     self.received.append(received)
                 self._route(received)
-        except trio_websocket.ConnectionClosed as exc:
-            self.closed = ConnectionClosed(exc.reason.code, exc.reason.reason)
         finally:
             if self.closed is None:
                 self.closed = ConnectionClosed(None, "reader stopped")
@@ -124,6 +157,52 @@ class Connection:
             for done in self._pongs.values():
                 done.set()
             self._closed_event.set()
+
+    def _may_resume(self) -> bool:
+        return self._reopen is not None and bool(self.connected.get("resume_token"))
+
+    async def _resume(self) -> bool:
+        """Open new WebSockets (with backoff) until one takes the session
+        over, within the server's resume window. A resync means events were
+        lost: the runs waiting for them end with ConnectionClosed (read the
+        thread back); the session goes on."""
+        window = float((self.connected.get("limits") or {}).get("resume_window_s") or 30.0)
+        delay = 0.1
+        with trio.move_on_after(window):
+            while True:
+                try:
+                    ws = await self._reopen()
+                    await ws.send_message(json.dumps({
+                        "type": "resume", "session_id": self.connected["session_id"],
+                        "resume_token": self.connected["resume_token"], "last_seq": self.last_seq,
+                    }))
+                    while True:
+                        answer = _decode(await ws.get_message())
+                        if answer.type in ("resumed", "resync_required", "error"):
+                            break
+                except (OSError, trio.TooSlowError, trio_websocket.HandshakeError,
+                        trio_websocket.ConnectionClosed, trio_websocket.ConnectionRejected):
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                if answer.type == "error":  # gone: its window ran out, or it ended
+                    await ws.aclose()
+                    return False
+                self.ws = ws
+                self.resumes += 1
+                if answer.type == "resync_required":
+                    self.resyncs += 1
+                    self.last_seq = answer.seq
+                    self.lost_events = ConnectionClosed(None, "events were lost (resync_required): read the thread back")
+                    for channel in [*self._by_ref.values(), *self._by_run.values()]:
+                        channel.close()  # their events may be lost: read the thread back
+                    self._by_ref.clear()
+                    self._by_run.clear()
+                    self._run_refs.clear()
+                if self.received is not None:
+                    self.received.append(answer)
+                return True
+        return False
 
     def _route(self, received: Received) -> None:
         raw = received.raw
@@ -183,7 +262,7 @@ class RunStream:
             received = await self._recv.receive()
         except trio.EndOfChannel:
             self.done = True
-            raise self.conn.closed or ConnectionClosed(None, "closed") from None
+            raise self.conn.closed or self.conn.lost_events or ConnectionClosed(None, "closed") from None
         if received.type == "error":
             self.done = True
             raw = received.raw
@@ -203,6 +282,7 @@ async def connect(
     record: bool = False,
     connect_timeout: float = 10.0,
     extra_headers: list[tuple[str, str]] | None = None,
+    resume: bool = True,
 ) -> AsyncIterator[Connection]:
     """Open an authenticated connection (token in the ``Authorization`` header,
     or with ``auth="frame"`` in a first ``auth`` frame, as browsers do).
@@ -211,7 +291,9 @@ async def connect(
     ``connect_timeout``, :class:`ConnectionRefused` when the server refuses
     the upgrade (a bad header token: status 401, code ``unauthorized``), and
     :class:`ConnectionClosed` when it closes before ``connected`` (a bad
-    frame token: code 4401)."""
+    frame token: code 4401). With ``resume`` (and a server that offers it),
+    a connection that drops without a close frame is resumed on a new one
+    by itself."""
     if auth not in ("header", "frame"):
         raise ValueError(f"auth must be 'header' or 'frame', not {auth!r}")
     headers = list(extra_headers or [])
@@ -232,11 +314,27 @@ async def connect(
                 raise ProtocolError(f"expected 'connected', got {first.type!r}")
             handshaking = False
             conn = Connection(ws=ws, connected=first.raw, received=[first] if record else None)
+
+            async def reopen() -> trio_websocket.WebSocketConnection:
+                with trio.fail_after(connect_timeout):
+                    again = await trio_websocket.connect_websocket_url(
+                        nursery, url, subprotocols=[SUBPROTOCOL], extra_headers=headers
+                    )
+                    if auth == "frame":
+                        await again.send_message(json.dumps({"type": "auth", "token": token}))
+                    if _decode(await again.get_message()).type != "connected":
+                        await again.aclose()
+                        raise trio_websocket.HandshakeError("no connected event")
+                    return again
+
+            if resume:
+                conn._reopen = reopen
             nursery.start_soon(conn._reader)
             try:
                 yield conn
             finally:
-                await ws.aclose()
+                conn._reopen = None  # leaving: a drop now is the end
+                await conn.ws.aclose()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         leaf = _single(group)

@@ -116,6 +116,8 @@ class MemoryTransport(Transport):
         self._closed = True
         self.send_closed = True
         self.lost = self.lost or "aborted"
+        if self.peer_close_code is None:
+            self.peer_close_code = CLOSE_ABNORMAL  # it ended without a close frame
         self._backlog.clear()
         self._outbox.append(Closed(CLOSE_ABNORMAL, ""))
         self._wake_all()

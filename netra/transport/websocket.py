@@ -222,6 +222,8 @@ class WebSocketTransport(Transport):
         self.send_closed = True
         self._recv_done = True
         self.lost = self.lost or "aborted"
+        if self.peer_close_code is None:
+            self.peer_close_code = CLOSE_ABNORMAL  # it ended without a close frame
         self._backlog.clear()
         try:
             # RST rather than a lingering FIN: nothing more is owed to this peer

@@ -23,7 +23,10 @@ parent: ``READY {...}`` after connecting, then on ``GO t_go t_warm t_stop``
 connection's first message at ``t_go``, counts the frames received and the
 runs completed between ``t_warm`` and ``t_stop``, sends no new message after
 ``t_stop``, waits for the runs in flight (bounded) and prints ``RESULT {...}``. In ``idle`` mode it
-only holds its connections open until ``CLOSE``.
+only holds its connections open until ``CLOSE``. In ``stream`` mode (``python
+-m bench.streaming``) each connection streams long answers one after another
+and every frame is decoded: each ``text_delta``'s arrival is compared with its
+``ts`` and with when its chunk was due.
 
 ``--io uvloop`` runs the same connection logic on asyncio + uvloop
 protocols instead of the hand-written epoll loop (to compare the two).
@@ -703,6 +706,194 @@ def worker_idle(spec: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------
+# streaming runs (``python -m bench.streaming``)
+
+
+# the client's JSON decoding is not what is measured: the cheapest one
+try:
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover - orjson is one of netra's dependencies
+    _loads = json.loads
+
+_wall_ms = time.time_ns
+
+
+class StreamConn(EpollConn):
+    """One user streaming runs one after another: every frame is decoded and
+    checked (``seq`` +1, the run's own ``run_id``, the deltas' concatenation
+    equals ``agent_completed.text``); each ``text_delta``'s arrival is stamped
+    with the wall clock, to compare with its ``ts``."""
+
+    __slots__ = ("cfg", "left", "run_id", "mid", "anchor", "prev", "parts", "chars", "marks", "due_by", "finished")
+
+    def start_run(self, now: float) -> None:
+        cfg = self.cfg
+        self.run_id = None
+        self.mid = f"{self.nonce}-s{self.k}"
+        self.anchor = None
+        self.prev = None
+        self.parts = []
+        self.chars = 0
+        self.marks = []  # (arrival ms, characters received so far) per text_delta frame
+        self.due_by = now + cfg["run_timeout_s"]
+        self.k += 1
+        self.left -= 1
+        self.st.runs_sent += 1
+        self.st.in_flight += 1
+        self.write(client_frame(json.dumps({"type": "user_message", "id": self.mid, "text": cfg["text"]}).encode()))
+
+    def text(self, data: bytes, start: int, end: int) -> None:
+        if self.state != "open":
+            self.opening(data[start:end])
+            return
+        arrived = _wall_ms() / 1e6
+        st = self.st
+        st.frames_all += 1
+        event = _loads(data[start:end])
+        seq = event.get("seq")
+        if seq != self.seq + 1:
+            st.seq_errors += 1
+        self.seq = seq if isinstance(seq, int) else self.seq + 1
+        kind = event.get("type")
+        if kind == "error":
+            if event.get("ref") == self.mid:
+                self.end(f"error:{event.get('code')}")
+            return
+        rid = event.get("run_id")
+        if rid is None or self.mid is None:
+            return
+        if self.run_id is None and kind in ("run_queued", "agent_started"):
+            self.run_id = rid
+        if rid != self.run_id:
+            st.verify_failed["foreign_run_id"] += 1
+            return
+        if kind == "text_delta":
+            st.delta_ms.append(round(arrived - event["ts"], 2))
+            if self.prev is not None:
+                st.gap_ms.append(round(arrived - self.prev, 2))
+            self.prev = arrived
+            self.parts.append(event["delta"])
+            self.chars += len(event["delta"])
+            self.marks.append((arrived, self.chars))
+        elif kind == "agent_thinking":
+            self.anchor = event.get("ts")
+        elif kind == "agent_completed":
+            text = event.get("text") or ""
+            if "".join(self.parts) != text:
+                st.verify_failed["text_mismatch"] += 1
+                self.end("text_mismatch")
+                return
+            self.lateness(len(text), arrived)
+            self.end(None)
+        elif kind in ("agent_error", "agent_cancelled"):
+            self.end(f"{kind}:{event.get('code') or event.get('reason')}")
+
+    def lateness(self, total: int, arrived: float) -> None:
+        """Each delta frame's arrival against when its last chunk was due: the
+        run's last ``agent_thinking`` ``ts`` + k x delay for chunk k. The
+        answer is cut into N chunks of nearly equal length (the first
+        ``extra`` one character longer), so the characters received so far
+        say which chunk a frame ends with, even when a server merged several
+        chunks into one frame."""
+        st, cfg = self.st, self.cfg
+        n = max(1, min(cfg["chunks"], total))
+        size, extra = divmod(total, n)
+        big = extra * (size + 1)
+        if len(self.marks) < n:
+            st.merged_runs += 1
+            st.frames_saved += n - len(self.marks)
+        if self.anchor is None or not size:
+            return
+        delay = cfg["delay_ms"]
+        for at, chars in self.marks:
+            k = chars // (size + 1) if chars <= big else extra + (chars - big) // size
+            st.late_ms.append(round(at - (self.anchor + k * delay), 2))
+
+    def end(self, failure: str | None) -> None:
+        st = self.st
+        st.in_flight -= 1
+        self.mid = None
+        if failure is None:
+            st.runs_completed_all += 1
+            if len(self.marks) != self.cfg["chunks"]:
+                st.frames_per_run[len(self.marks)] += 1
+        else:
+            st.failed[failure] += 1
+        if self.left > 0 and not self.closing:
+            self.start_run(_monotonic())
+        else:
+            self.finished = True
+
+
+def worker_stream(spec: dict[str, Any]) -> None:
+    """Open ``users`` connections; on ``GO t_go`` each starts its first run at
+    t_go + a uniform random offset within ``spread_s`` (so that about one run
+    per connection streams at any time), and each of its ``runs_per_user``
+    runs the moment the previous one ended; then ``RESULT``."""
+    _raise_nofile(spec["users"] + 200)
+    st = Stats()
+    st.delta_ms, st.late_ms, st.gap_ms = [], [], []
+    st.merged_runs = st.frames_saved = 0
+    drv = EpollDriver(st)
+    conns = _users(spec, st, StreamConn)
+    cfg = {"text": spec["text"], "chunks": spec["chunks"], "delay_ms": spec["delay_ms"],
+           "run_timeout_s": spec["run_timeout_s"]}
+    for c in conns:
+        c.cfg, c.left, c.mid, c.marks, c.finished = cfg, spec["runs_per_user"], None, [], False
+    connect_s = _connect_all(drv, conns, spec)
+    _emit("READY", {"open": st.open, "connect_s": round(connect_s, 3), "errors": dict(st.errors),
+                    "pid": os.getpid()})
+    cmd = _read_command(spec["go_timeout_s"]).split()
+    if cmd[:1] != ["GO"]:
+        raise RuntimeError(f"expected GO, got {cmd!r}")
+    t_go = float(cmd[1])
+    rng = random.Random()
+    starts = sorted((t_go + rng.uniform(0, spec["spread_s"]), i) for i, c in enumerate(conns) if c.state == "open")
+    gc.collect()
+    gc.freeze()
+    cpu0 = _cpu()
+    while _monotonic() < t_go:
+        time.sleep(min(0.001, max(0.0, t_go - _monotonic())))
+    t0 = _monotonic()
+    deadline = t0 + spec["deadline_s"]
+    nxt = 0
+    last_check = t0
+    active = [c for c in conns if c.state == "open"]
+    while _monotonic() < deadline:
+        now = _monotonic()
+        while nxt < len(starts) and starts[nxt][0] <= now:
+            c = conns[starts[nxt][1]]
+            nxt += 1
+            if c.state == "open":
+                c.start_run(now)
+        if now - last_check >= 0.25:
+            last_check = now
+            for c in active:
+                if c.mid is not None and now > c.due_by and c.state == "open":
+                    st.failed["run_timeout"] += 1
+                    st.in_flight -= 1
+                    c.mid, c.left, c.finished = None, 0, True
+                    drv.drop(c, True, "run_timeout")
+            if nxt >= len(starts) and all(c.finished or c.state != "open" for c in active):
+                break
+        wait = 0.05 if nxt >= len(starts) else max(0.0, min(0.05, starts[nxt][0] - now))
+        drv.poll(wait)
+    t1, cpu1 = _monotonic(), _cpu()
+    unfinished = sum(1 for c in active if not c.finished and c.state == "open")
+    dropped = sum(1 for c in active if c.state != "open" and not c.finished)
+    _emit("RESULT", {"delta_ms": st.delta_ms, "late_ms": st.late_ms, "gap_ms": st.gap_ms,
+                     "runs_sent": st.runs_sent, "runs_ok": st.runs_completed_all, "failed": dict(st.failed),
+                     "unfinished": unfinished, "dropped": dropped, "seq_errors": st.seq_errors,
+                     "verify_failed": dict(st.verify_failed), "merged_runs": st.merged_runs,
+                     "frames_saved_by_merging": st.frames_saved,
+                     "delta_frames_per_run_other": {str(k): v for k, v in st.frames_per_run.items()},
+                     "frames": st.frames_all, "errors": dict(st.errors), "close_codes": dict(st.close_codes),
+                     "pings": st.pings, "cpu_user_s": round(cpu1["user"] - cpu0["user"], 3),
+                     "cpu_sys_s": round(cpu1["sys"] - cpu0["sys"], 3), "wall_s": round(t1 - t0, 3)})
+    _close_all(drv, spec.get("close_timeout_s", 5.0))
+
+
+# --------------------------------------------------------------------------
 # the same connection logic on asyncio + uvloop (for comparison: --io uvloop)
 
 
@@ -807,6 +998,8 @@ def main() -> None:
         try:
             if mode == "idle":
                 worker_idle(spec)
+            elif mode == "stream":
+                worker_stream(spec)
             elif spec.get("io") == "uvloop":
                 worker_load_uvloop(spec)
             else:
@@ -814,7 +1007,8 @@ def main() -> None:
         except KeyboardInterrupt:
             sys.exit(130)
     else:
-        sys.exit("bench._rawclient is a worker of `python -m bench hotpath` and `python -m bench.idle`")
+        sys.exit("bench._rawclient is a worker of `python -m bench hotpath`, `python -m bench.idle` and "
+                 "`python -m bench.streaming`")
 
 
 if __name__ == "__main__":

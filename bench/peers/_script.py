@@ -5,8 +5,9 @@ their frameworks differ.
 It mirrors netra's scripted model (netra/models/scripted.py) driven by its
 agent loop: every ``[[tool:NAME {json args}]]`` marker in the user's text is
 one model step with one tool call, in order; then a last step streams the
-answer in 4 ``text_delta`` chunks. Each tool call and each chunk waits
-``NETRA_SCRIPTED_DELAY_MS`` first, as netra's model does.
+answer in 4 ``text_delta`` chunks, or N with a ``[[stream:N]]`` marker (the
+answer padded, as netra pads it, when it is shorter than N). Each tool call
+and each chunk waits ``NETRA_SCRIPTED_DELAY_MS`` first, as netra's model does.
 The script is a plain generator of steps, free of any event loop: each
 server drives it with its own ``sleep`` (asyncio or trio), which is the part
 being compared.
@@ -25,6 +26,7 @@ from typing import Any
 
 MARKER = re.compile(r"\[\[tool:([A-Za-z_][\w.-]*)\s*(\{.*?\})?\s*\]\]", re.S)
 ANY_MARKER = re.compile(r"\[\[(?:tool|stream|model):.*?\]\]", re.S)
+STREAM = re.compile(r"\[\[stream:(\d{1,5})\]\]")
 AGENT = "assistant"
 CHUNKS = 4  # netra's scripted model streams its answer in 4 chunks by default
 
@@ -147,7 +149,11 @@ def script(text: str, *, run_id: str, thread_id: str, ref: str | None,
         answer = f"Here is what I found for \u201c{question[:200]}\u201d: " + "; ".join(outcomes) + "."
     else:
         answer = f"You said: \u201c{question[:500]}\u201d. This is the scripted model's answer."
-    pieces = _split(answer, CHUNKS)
+    stream = STREAM.search(text) if "[[" in text else None
+    n = int(stream.group(1)) if stream else CHUNKS
+    if len(answer) < n:  # enough text for the chunks asked for, as netra's model pads it
+        answer += " streaming" * ((n - len(answer)) // 10 + 1)
+    pieces = _split(answer, n)
     for piece in pieces:
         if delay_s > 0:
             yield delay_s

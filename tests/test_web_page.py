@@ -343,3 +343,36 @@ async def _serve_until_stopped(config, *, task_status=trio.TASK_STATUS_IGNORED) 
             await running._stop.wait()
     finally:
         running._stopped.set()
+
+
+async def test_the_page_resumes_when_its_connection_is_cut_mid_stream():
+    """The TCP connection under the page is cut while an answer streams: the
+    page resumes its session on a new connection and the answer completes
+    on screen, every event once and in order (the page warns on any seq gap
+    or repeat), without an interruption."""
+    config = config_for_tests(resume_window_s=30.0, scripted_delay_ms=40)
+    async with open_server(config) as server:
+        token = token_for(server, "pat")
+
+        def cut() -> None:
+            [session] = [s for s in server.hub.sessions if s.identity.user_id == "pat"]
+            session.transport.abort()  # a reset: no close frame, as when a network drops
+
+        def script() -> list[str]:
+            with browser_page() as page:
+                warnings: list[str] = []
+                page.on("console", lambda msg: "netra: seq" in msg.text and warnings.append(msg.text))
+                sign_in(page, server.http_url, token)
+                send(page, "[[stream:60]] tell me a long story")
+                turn = last_turn(page)
+                expect(turn).to_have_attribute("data-state", "running")
+                trio.from_thread.run_sync(cut)
+                expect(turn).to_have_attribute("data-state", "completed", timeout=20_000)
+                expect(page.locator("#status")).to_have_text(re.compile("Connected as"))
+                assert "Stopped" not in turn.inner_text()
+                return warnings
+
+        warnings = await in_browser(script)
+        assert warnings == []
+        assert server.hub.metrics.sessions_resumed.labels("resumed")._value.get() == 1
+        assert server.hub.metrics.runs_finished.labels("completed", "")._value.get() == 1

@@ -139,13 +139,16 @@ function onState(change) {
       app.userId = change.userId;
       setStatus("open", `Connected as ${change.userId}`);
       if (again) hideAlert();
+      if (change.resumed) break; // the session came back: its runs go on where they were
+      if (again) interruptAll("Stopped: the connection was lost before the run finished.");
       loadThreads();
-      // runs do not survive a lost connection: read back what was kept
+      // runs that did not come back with the session: read back what was kept
       if (again && app.threadId) loadThread(app.threadId);
       break;
     }
     case "waiting": {
-      interruptAll("Stopped: the connection was lost before the run finished.");
+      // a drop is resumed: the runs on screen wait for their session to come back
+      if (!change.resuming) interruptAll("Stopped: the connection was lost before the run finished.");
       const seconds = Math.max(1, Math.round(change.delayMs / 1000));
       setStatus("waiting", `Reconnecting in ${seconds} s…`);
       // keep saying why the connection ended; failed attempts after it add nothing

@@ -4,6 +4,11 @@
 // frame. A close the protocol says not to retry (bad token, abuse, a normal
 // close) stops here; any other loss reconnects with exponential backoff and
 // full jitter, so a restarted server is not hit by every page at once.
+//
+// A connection that dropped without a close frame (1006) is resumed: the new
+// connection asks for the session it had (PROTOCOL.md, resumable sessions),
+// and the runs on screen go on where they were, every event once and in
+// order. When the session is gone, the page starts over with the new one.
 
 const NO_RETRY = new Set([1000, 1007, 1009, 4400, 4401]);
 
@@ -52,6 +57,8 @@ export class Connection {
     this.open = false;
     this.stopped = false;
     this.lastSeq = 0;
+    this.session = null; // {id, token} of the session to resume after a drop
+    this.resuming = null; // the new connection's own `connected` while a resume is asked
     this.onOnline = () => { if (this.timer !== null) this.retryNow(); };
     window.addEventListener("online", this.onOnline);
   }
@@ -66,7 +73,7 @@ export class Connection {
     this.timer = null;
     this.onState({ state: "connecting", attempt: this.attempt });
     const ws = (this.ws = new WebSocket(this.url, ["netra.v1"]));
-    this.lastSeq = 0;
+    this.resuming = null;
     ws.onopen = () => ws.send(JSON.stringify({ type: "auth", token: this.token }));
     ws.onmessage = (msg) => this.receive(ws, msg);
     ws.onclose = (ev) => this.closed(ws, ev.code, ev.reason);
@@ -81,20 +88,56 @@ export class Connection {
       console.warn("netra: a frame that is not JSON", msg.data);
       return;
     }
+    if (event.type === "connected" && this.session && this.canResume) {
+      // a new connection after a drop: ask for the session the page had
+      this.resuming = event;
+      ws.send(JSON.stringify({
+        type: "resume", session_id: this.session.id, resume_token: this.session.token, last_seq: this.lastSeq,
+      }));
+      return;
+    }
+    if (this.resuming) {
+      const own = this.resuming;
+      if (event.type === "resumed" || event.type === "resync_required") {
+        this.resuming = null;
+        if (event.type === "resync_required") this.lastSeq = event.seq;
+        this.opened(own, { resumed: event.type === "resumed", resync: event.type === "resync_required" });
+        return;
+      }
+      if (event.type === "error" && !event.ref) {
+        // the session is gone: go on with the new connection's own
+        this.resuming = null;
+        this.lastSeq = event.seq;
+        this.adopt(own);
+        this.opened(own, { resumed: false });
+        return;
+      }
+    }
     if (event.seq !== this.lastSeq + 1) console.warn(`netra: seq ${this.lastSeq} then ${event.seq}`);
     this.lastSeq = event.seq;
     if (event.type === "connected") {
-      this.open = true;
-      this.attempt = 0;
-      this.keepAlive();
-      this.onState({ state: "open", userId: event.user_id, limits: event.limits });
+      this.adopt(event);
+      this.opened(event, { resumed: false });
     }
     if (event.type === "pong") clearTimeout(this.pongTimer);
     this.onEvent(event);
   }
 
+  adopt(connected) {
+    this.session = connected.resume_token ? { id: connected.session_id, token: connected.resume_token } : null;
+  }
+
+  opened(connected, { resumed, resync = false }) {
+    this.open = true;
+    this.attempt = 0;
+    this.keepAlive();
+    this.onState({ state: "open", userId: connected.user_id, limits: connected.limits, resumed, resync });
+  }
+
   closed(ws, code, reason) {
     if (ws !== this.ws) return;
+    // dropped without a close frame: the session waits for us on the server
+    this.canResume = code === 1006 && this.session !== null;
     const wasOpen = this.open;
     this.open = false;
     this.ws = null;
@@ -105,8 +148,9 @@ export class Connection {
       this.onState({ state: "closed", code, reason, wasOpen });
       return;
     }
-    const delayMs = backoffDelay(this.attempt++);
-    this.onState({ state: "waiting", code, reason, wasOpen, delayMs });
+    const delayMs = this.canResume && this.attempt === 0 ? 0 : backoffDelay(this.attempt++);
+    if (this.canResume && delayMs === 0) this.attempt++;
+    this.onState({ state: "waiting", code, reason, wasOpen, delayMs, resuming: this.canResume });
     this.timer = setTimeout(() => this.connect(), delayMs);
   }
 

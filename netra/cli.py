@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
+import logging
 import os
 import socket
 import sys
@@ -28,6 +29,8 @@ from .auth import (
 )
 from .config import Config
 
+log = logging.getLogger("netra")
+
 #: Errors of ``bind``: the server never listened, so it is a setting to change.
 _LISTEN_ERRNOS = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL})
 
@@ -42,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int)
     serve.add_argument("--config", help="TOML file of settings (see README)")
     serve.add_argument("--agents", help="agent set to load, as package.module:attribute")
+    serve.add_argument(
+        "--workers", help="server processes sharing the port: a number, or auto for one per core (default 1)"
+    )
+    # set by `netra serve --workers N` on the workers it starts (see netra/workers.py)
+    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--supervisor-fd", type=int, help=argparse.SUPPRESS)
 
     token = sub.add_parser(
         "token",
@@ -102,47 +111,46 @@ def _serve(args: argparse.Namespace) -> int:
     from . import logs
     from .hub import Hub
     from .server import serve_forever
+    from .workers import worker_count
 
+    if (args.worker is None) != (args.supervisor_fd is None):
+        print("netra serve: --worker and --supervisor-fd are what `netra serve --workers N` gives its workers; "
+              "start that instead", file=sys.stderr)
+        return 2
     try:
         config = Config.load(
-            file=args.config, overrides={"host": args.host, "port": args.port, "agents": args.agents}
+            file=args.config,
+            overrides={"host": args.host, "port": args.port, "agents": args.agents, "workers": args.workers},
         )
         config, created = _development_mode(config)
     except (ValueError, OSError) as exc:
         print(f"netra serve: {exc}", file=sys.stderr)
         return 2
     logs.configure(config.log_level)
-    _raise_open_file_limit()
+    workers = worker_count(config.workers)
     try:
-        hub = Hub.build(config)
+        hub = Hub.build(config)  # a supervisor only checks the settings with it
     except (ValueError, ImportError) as exc:
         print(f"netra serve: {exc}", file=sys.stderr)
         return 2
+    if workers > 1:
+        return _supervise(args, config, created, workers)
+    _raise_open_file_limit()
 
     listening = False
 
     def ready(server) -> None:
         nonlocal listening
         listening = True
-        lines = [
-            f"netra {__version__} listening on {server.http_url}",
-            f"  Web chat:  {server.http_url}/",
-            f"  WebSocket: {server.ws_url}",
-        ]
-        if config.dev_mode:
-            token = dev_token("dev-user", ttl_s=24 * 3600, config=config, secret=config.jwt_secret)
-            where = os.path.join(config.data_dir, DEV_SECRET_FILE)
-            lines += [
-                f"  development mode (loopback only): signing key {'created' if created else 'reused'} in {where}",
-                f"  more tokens: {_self_command()} token --user ID",
-                f"  token (user dev-user, 24 h): {token}",
-                f"  try: {_self_command()} chat --url {server.ws_url} --token {token}",
-            ]
-        # one write, so whoever reads stderr gets the whole block at once
-        print("\n".join(lines), file=sys.stderr, flush=True)
+        if args.worker is None:
+            # one write, so whoever reads stderr gets the whole block at once
+            print(_banner(server.http_url, config, created), file=sys.stderr, flush=True)
 
     try:
-        trio.run(functools.partial(serve_forever, hub, on_ready=ready))
+        if args.worker is None:
+            trio.run(functools.partial(serve_forever, hub, on_ready=ready))
+        else:
+            trio.run(_serve_worker, args, hub, ready)
     except (BaseExceptionGroup, OSError) as failure:
         problem = None if listening else _listen_error(failure)
         if problem is None:
@@ -150,6 +158,86 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"netra: cannot listen on {_address(config)}: {_strerror(problem)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _banner(http_url: str, config: Config, created: bool, *, more: tuple[str, ...] = ()) -> str:
+    """What ``netra serve`` prints once it listens: where, and in development
+    mode a token and how to get more."""
+    ws_url = http_url.replace("http://", "ws://", 1) + "/ws"
+    lines = [
+        f"netra {__version__} listening on {http_url}",
+        f"  Web chat:  {http_url}/",
+        f"  WebSocket: {ws_url}",
+        *more,
+    ]
+    if config.dev_mode:
+        token = dev_token("dev-user", ttl_s=24 * 3600, config=config, secret=config.jwt_secret)
+        where = os.path.join(config.data_dir, DEV_SECRET_FILE)
+        lines += [
+            f"  development mode (loopback only): signing key {'created' if created else 'reused'} in {where}",
+            f"  more tokens: {_self_command()} token --user ID",
+            f"  token (user dev-user, 24 h): {token}",
+            f"  try: {_self_command()} chat --url {ws_url} --token {token}",
+        ]
+    return "\n".join(lines)
+
+
+async def _serve_worker(args: argparse.Namespace, hub, ready) -> None:
+    """One worker of ``netra serve --workers N`` (see netra/workers.py)."""
+    from .workers import SPLIT_LIMITS, serve_as_worker
+
+    c = hub.config
+    log.info(
+        "worker %d (pid %d): %s", args.worker, os.getpid(),
+        ", ".join(f"{name} {getattr(c, name)}" for name in SPLIT_LIMITS),
+    )
+    with socket.socket(fileno=args.supervisor_fd) as supervisor:
+        await serve_as_worker(hub, supervisor, on_ready=ready)
+
+
+def _supervise(args: argparse.Namespace, config: Config, created: bool, workers: int) -> int:
+    """``netra serve --workers N``: start N workers on one port, keep them
+    running, drain them on SIGTERM/SIGINT (see netra/workers.py)."""
+    from .workers import Supervisor, limits_line, reserve_port, worker_environment
+
+    if not hasattr(socket, "SO_REUSEPORT"):
+        print("netra serve: --workers needs SO_REUSEPORT, which this system lacks; use --workers 1", file=sys.stderr)
+        return 2
+    try:
+        reserved = reserve_port(config.host, config.port)
+    except OSError as exc:
+        problem = _listen_error(exc)
+        if problem is None:
+            raise
+        print(f"netra: cannot listen on {_address(config)}: {_strerror(problem)}", file=sys.stderr)
+        return 2
+    with reserved:
+        host, port = reserved.getsockname()[:2]
+        http_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        print(limits_line(config, workers), file=sys.stderr, flush=True)
+        passed_on = [
+            arg for flag, value in (("--config", args.config), ("--agents", args.agents)) if value is not None
+            for arg in (flag, value)
+        ]
+
+        def command(slot: int, fd: int) -> list[str]:
+            return [
+                sys.executable, "-m", "netra", "serve", "--host", config.host, "--port", str(port),
+                *passed_on, "--workers", "1", "--worker", str(slot), "--supervisor-fd", str(fd),
+            ]
+
+        def announce(pids: list[int]) -> None:
+            more = (f"  Workers:   {workers}, pids {' '.join(map(str, pids))}",)
+            print(_banner(http_url, config, created, more=more), file=sys.stderr, flush=True)
+
+        # a drain takes drain_grace_s, then close_timeout_s + 1 s for the close
+        # frames and as long again for the HTTP side; a few seconds to exit
+        stop_timeout_s = config.drain_grace_s + 2 * (config.close_timeout_s + 1) + 5
+        supervisor = Supervisor(
+            count=workers, command=command, env=worker_environment(os.environ, config, workers),
+            stop_timeout_s=stop_timeout_s, on_ready=announce,
+        )
+        return trio.run(supervisor.run)
 
 
 def _development_mode(config: Config) -> tuple[Config, bool]:

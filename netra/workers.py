@@ -271,7 +271,10 @@ class Supervisor:
                 return
             status = await self._run_once(slot)
             served = slot.ready_at is not None
-            what = f"worker {slot.number} (pid {slot.pid}) {describe_exit(status)}"
+            if status is None:
+                status, what = 1, f"worker {slot.number} could not be started"
+            else:
+                what = f"worker {slot.number} (pid {slot.pid}) {describe_exit(status)}"
             if self._stopping.is_set():
                 # one that never listened may die of the SIGTERM before it could drain: nothing to drain
                 if served and status != 0:
@@ -288,12 +291,13 @@ class Supervisor:
                 return
             log.warning("%s: starting another", what)
 
-    async def _run_once(self, slot: Slot) -> int:
-        """Start a worker in ``slot``; its exit status once it has exited."""
+    async def _run_once(self, slot: Slot) -> int | None:
+        """Start a worker in ``slot``; its exit status once it has exited
+        (None: it could not be started)."""
         ours, theirs = socket.socketpair()
         with ours:
             with theirs:
-                slot.started_at, slot.ready_at = trio.current_time(), None
+                slot.started_at, slot.ready_at, slot.process = trio.current_time(), None, None
                 try:
                     process = await trio.lowlevel.open_process(
                         self.command(slot.number, theirs.fileno()),
@@ -306,7 +310,7 @@ class Supervisor:
                     )
                 except OSError as exc:
                     log.error("cannot start worker %d: %s", slot.number, exc)
-                    return 1
+                    return None
             slot.process = process
             if self._stopping.is_set():
                 process.send_signal(signal.SIGTERM)

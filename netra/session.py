@@ -382,8 +382,8 @@ class Session:
         transport.on_stalled = self.slow_consumer
         transport.on_drained = self._drained
         transport.start(self._nursery)
+        self.flush()  # still detached: what is pending joins the retained events, to replay in order
         self.detached = False
-        self.flush()  # everything produced while detached is in the retained events now
         retained = self._retained or ()
         ts = int(time.time() * 1000)
         if last_seq > self.seq:

@@ -4,6 +4,8 @@ event lost or repeated (by seq). In memory, under the autojump clock."""
 
 from __future__ import annotations
 
+import json
+
 import trio
 
 from netra.testing import ConnectionEnded, config_for_tests, open_hub
@@ -202,3 +204,58 @@ async def test_resume_over_real_sockets_after_a_reset():
             assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
             assert rest[-1]["type"] == "agent_completed"
             await again.stream.aclose()
+
+
+async def test_events_pending_at_the_resume_come_after_resumed_and_once(autojump_clock):
+    """An event queued but not yet flushed when a resume attaches (the
+    flusher runs later in the same pass) goes out in the replay, after
+    ``resumed``, exactly once (found by bench.resume: it went out first,
+    then again in the replay)."""
+    from netra.protocol import Pong
+    from netra.transport import memory_transport_pair
+
+    async with open_hub(resumable()) as server:
+        async with server.connect(user_id="jo") as first:
+            connected = first.received[0]
+            first.client.drop()
+        [session] = server.hub.sessions
+        with trio.fail_after(5):
+            while not session.detached:
+                await trio.sleep(0.01)
+        session.send(Pong(id="pending"))  # queued; the flusher has not run yet
+        transport, client = memory_transport_pair()
+        session._attach(transport, last_seq=connected["seq"], released=trio.Event())
+        frames = [await client.receive() for _ in range(2)]
+        first_frame, second_frame = (json.loads(f) for f in frames)
+        assert first_frame["type"] == "resumed" and first_frame["replayed"] == 1
+        assert second_frame["type"] == "pong" and second_frame["seq"] == connected["seq"] + 1
+        await trio.sleep(0.1)
+        assert client.queued_bytes == 0  # and nothing more: not sent twice
+
+
+async def test_many_resumes_mid_stream_replay_in_order(autojump_clock):
+    """Resumes that land while the session has events not yet flushed: the
+    replay comes first, in order, then live events, never one of them
+    twice (found by bench.resume: live events went out before resumed)."""
+    async with open_hub(resumable(scripted_delay_ms=2)) as server:
+
+        async def one(i: int) -> None:
+            async with server.connect(user_id=f"u{i}") as first:
+                connected = first.received[0]
+                await first.send({"type": "user_message", "text": "[[stream:60]] go", "id": "x"})
+                seen = []
+                while sum(e["type"] == "text_delta" for e in seen) < 5:
+                    seen.append(await first.receive())
+                first.client.drop()
+            async with server.connect(user_id=f"u{i}") as second:
+                await second.send(resume_frame(connected, last_seq=seen[-1]["seq"]))
+                resumed = await second.until("resumed")
+                assert resumed["seq"] == seen[-1]["seq"]
+                rest = await until_terminal(second)
+            seqs = [e["seq"] for e in seen + rest]
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), (i, seqs)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(60):
+                nursery.start_soon(one, i)
+        assert server.hub.metrics.sessions_resumed.labels("resumed")._value.get() == 60

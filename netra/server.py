@@ -77,6 +77,8 @@ class Server:
     """A running netra server; ``urls`` is known once it listens."""
 
     hub: Hub
+    #: Share the port with other processes (the workers of ``netra serve --workers``).
+    reuse_port: bool = False
     urls: list[str] = attrs.field(factory=list)
     listener: Listener | None = None
     _stop: trio.Event = attrs.field(factory=trio.Event)
@@ -101,7 +103,7 @@ class Server:
             write_timeout_s=c.write_timeout_s, on_abort=m.http_write_aborts.inc,
         )
         listener = self.listener = Listener.bind(
-            c.host, c.port,
+            c.host, c.port, reuse_port=self.reuse_port,
             limits=ListenerLimits(max_connections=c.max_connections, handshake_timeout_s=c.handshake_timeout_s),
             on_upgrade=functools.partial(serve_upgrade, hub),
             on_http=http.serve,
@@ -143,9 +145,11 @@ async def _watch_loop_lag(hub: Hub, *, interval_s: float = 0.25) -> None:
         hub.metrics.loop_lag.set(max(0.0, trio.current_time() - asked))
 
 
-async def serve_forever(hub: Hub, *, on_ready: Callable[[Server], None] | None = None) -> None:
+async def serve_forever(
+    hub: Hub, *, on_ready: Callable[[Server], None] | None = None, reuse_port: bool = False
+) -> None:
     """Run until SIGTERM or SIGINT, then drain and return (exit status 0)."""
-    server = Server(hub)
+    server = Server(hub, reuse_port=reuse_port)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)

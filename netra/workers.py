@@ -72,7 +72,6 @@ START_TIMEOUT_S = 60.0
 #: What a worker writes to its supervisor once it listens.
 READY = b"ready\n"
 #: Set in every worker's environment; :meth:`netra.transport.Listener.bind` reads it.
-REUSE_PORT_ENV = "NETRA_WORKER_REUSE_PORT"
 #: Caps of the whole server: each worker gets ceil(limit / N).
 SPLIT_LIMITS = ("max_connections", "max_runs", "max_queued_runs", "max_model_calls")
 #: Caps per user: held per worker only, for want of a shared store of counts.
@@ -103,12 +102,10 @@ def limits_line(config: Config, workers: int) -> str:
 
 
 def worker_environment(environ: Mapping[str, str], config: Config, workers: int) -> dict[str, str]:
-    """A worker's environment: the supervisor's, its share of the global
-    caps (the environment outranks a settings file, and these have no flag),
-    and the mark that makes its listener set SO_REUSEPORT."""
+    """A worker's environment: the supervisor's, and its share of the global
+    caps (the environment outranks a settings file, and these have no flag)."""
     env = dict(environ)
     env.update({f"NETRA_{name.upper()}": str(share) for name, share in split_limits(config, workers).items()})
-    env[REUSE_PORT_ENV] = "1"
     return env
 
 
@@ -160,7 +157,7 @@ async def serve_as_worker(
                 pass  # the supervisor is gone already: the watch below sees it
             nursery.start_soon(_drain_when_orphaned, supervisor, server)
 
-        await serve_forever(hub, on_ready=ready)
+        await serve_forever(hub, on_ready=ready, reuse_port=True)  # the port is the workers' to share
         nursery.cancel_scope.cancel()
 
 

@@ -29,7 +29,6 @@ from netra.client import connect
 from netra.config import Config
 from netra.transport import Listener, ListenerLimits
 from netra.workers import (
-    REUSE_PORT_ENV,
     SPLIT_LIMITS,
     limits_line,
     reserve_port,
@@ -444,8 +443,7 @@ def _listener(port: int, **kwargs) -> Listener:
     )
 
 
-def test_reuse_port_lets_workers_share_a_port_and_a_single_server_keeps_its_own(monkeypatch):
-    monkeypatch.delenv(REUSE_PORT_ENV, raising=False)
+def test_reuse_port_lets_workers_share_a_port_and_a_single_server_keeps_its_own():
     with reserve_port("127.0.0.1", 0) as reserved:  # how the supervisor picks the port
         port = reserved.getsockname()[1]
         first = _listener(port, reuse_port=True)
@@ -453,8 +451,7 @@ def test_reuse_port_lets_workers_share_a_port_and_a_single_server_keeps_its_own(
             with pytest.raises(OSError) as refused:  # the default, outside a worker: no sharing
                 _listener(port)
             assert refused.value.errno == errno.EADDRINUSE
-            monkeypatch.setenv(REUSE_PORT_ENV, "1")  # what the supervisor sets for its workers
-            second = _listener(port)
+            second = _listener(port, reuse_port=True)  # what a worker's server asks for
             assert first.address == second.address == ("127.0.0.1", port)
             second.sock.close()
         finally:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import socket
 from collections.abc import Awaitable, Callable
 
@@ -53,19 +52,14 @@ class Listener:
 
     @classmethod
     def bind(
-        cls, host: str, port: int, *, backlog: int = 4096, reuse_port: bool | None = None, **kwargs: object
+        cls, host: str, port: int, *, backlog: int = 4096, reuse_port: bool = False, **kwargs: object
     ) -> Listener:
         """Listen on ``host:port``.
 
         ``reuse_port`` sets SO_REUSEPORT, so that the workers of ``netra
         serve --workers N`` all listen on one port and the kernel spreads
-        new connections among them. None (what the server passes) means:
-        when this process is such a worker, which its supervisor says in
-        the worker's environment (``NETRA_WORKER_REUSE_PORT=1``, see
-        :mod:`netra.workers`), so a single server never shares its port.
+        new connections among them; a single server never shares its port.
         """
-        if reuse_port is None:
-            reuse_port = os.environ.get("NETRA_WORKER_REUSE_PORT") == "1"
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.create_server((host, port), family=family, backlog=backlog, reuse_port=reuse_port)
         sock.setblocking(False)

@@ -338,8 +338,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "netra" in summary and "peer" in summary:
         for key in ("delta_p99_under_slo", "lateness_p99_under_slo", "rate_held"):
             peer = summary["peer"][f"max_concurrency_{key}"]
+            bound = any(summary[k][f"max_concurrency_{key}_is_lower_bound"] for k in ("netra", "peer"))
+            # a lower bound (a server never missed the target) makes the ratio meaningless
             summary[f"ratio_netra_peer_{key}"] = (
-                round(summary["netra"][f"max_concurrency_{key}"] / peer, 3) if peer else None)
+                round(summary["netra"][f"max_concurrency_{key}"] / peer, 3) if peer and not bound else None)
     return {
         "meta": {
             "benchmark": "streaming",
@@ -399,7 +401,8 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
                  for k in out["meta"]["servers"] if k in s]
         line = f"largest concurrency with {what} (every level up to it, no failed run): " + ", ".join(parts)
         if "netra" in s and "peer" in s:
-            line += f"; netra/peer {s.get(f'ratio_netra_peer_{key}')}"
+            ratio = s.get(f"ratio_netra_peer_{key}")
+            line += f"; netra/peer {ratio}" if ratio is not None else "; netra/peer: none (a lower bound)"
         _log(line)
     for kind in out["meta"]["servers"]:
         if kind in s and s[kind]["stopped"]:

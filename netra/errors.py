@@ -1,8 +1,10 @@
 """netra's exception family.
 
 Every error that can reach a client is a :class:`NetraError`. Each class owns
-its wire ``code`` (the ``code`` of an ``error`` or ``agent_error`` event) and,
-where the error ends the connection, its WebSocket ``close_code``. Foreign
+its wire ``code`` (the ``code`` of an ``error`` or ``agent_error`` event), the
+HTTP status it is answered with over HTTP (the threads API, a refused
+upgrade) and, where the error ends the connection, its WebSocket
+``close_code``. Foreign
 exceptions (pyjwt, sqlite3, psycopg, httpx) are translated into these at the
 edge that calls the library, and nowhere else; anything that is not a
 NetraError by the time it reaches a connection is a bug and is reported as
@@ -47,6 +49,8 @@ class NetraError(Exception):
     """Base of every error with a wire representation."""
 
     code: ClassVar[ErrorCode] = "internal"
+    #: The HTTP status of this error's answer over HTTP.
+    http_status: ClassVar[int] = 500
     #: Close code when this error ends the connection (None: it does not).
     close_code: ClassVar[int | None] = None
     #: Whether a client may retry the same request unchanged.
@@ -61,32 +65,39 @@ class NetraError(Exception):
 
 class BadRequest(NetraError):
     code = "bad_request"
+    http_status = 400
 
 
 class UnknownType(NetraError):
     code = "unknown_type"
+    http_status = 400
 
 
 class TooLarge(NetraError):
     code = "too_large"
+    http_status = 413
     close_code = CLOSE_TOO_LARGE
 
 
 class Unauthorized(NetraError):
     code = "unauthorized"
+    http_status = 401
     close_code = CLOSE_UNAUTHORIZED
 
 
 class Forbidden(NetraError):
     code = "forbidden"
+    http_status = 403
 
 
 class NotFound(NetraError):
     code = "not_found"
+    http_status = 404
 
 
 class RateLimited(NetraError):
     code = "rate_limited"
+    http_status = 429
     retryable = True
 
 
@@ -94,6 +105,7 @@ class Busy(NetraError):
     """Capacity is full; ``retry_after_ms`` says when to try again."""
 
     code = "busy"
+    http_status = 503
     retryable = True
 
     def __init__(self, message: str, *, retry_after_ms: int) -> None:
@@ -102,11 +114,13 @@ class Busy(NetraError):
 
 class RunInProgress(NetraError):
     code = "run_in_progress"
+    http_status = 409
     retryable = True
 
 
 class RunTimeout(NetraError):
     code = "timeout"
+    http_status = 504
     retryable = True
 
 
@@ -114,18 +128,22 @@ class ToolError(NetraError):
     """A tool call failed. The model sees it as a failed tool result."""
 
     code = "tool_error"
+    http_status = 502
 
 
 class LLMError(NetraError):
     code = "llm_error"
+    http_status = 502
     retryable = True
 
 
 class StoreError(NetraError):
     code = "store_error"
+    http_status = 503
     retryable = True
 
 
 class InternalError(NetraError):
     code = "internal"
+    http_status = 500
     close_code = CLOSE_INTERNAL

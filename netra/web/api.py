@@ -14,11 +14,8 @@ from quart import jsonify, request
 from quart_trio import QuartTrio
 
 from ..auth import Identity, bearer_token
-from ..errors import BadRequest, NetraError, NotFound, StoreError, Unauthorized
+from ..errors import BadRequest, NetraError, Unauthorized
 from ..hub import Hub
-
-_STATUS = {Unauthorized: 401, NotFound: 404, StoreError: 503}
-
 
 def register_api(app: QuartTrio, hub: Hub) -> None:
     def identify() -> Identity:
@@ -29,8 +26,7 @@ def register_api(app: QuartTrio, hub: Hub) -> None:
 
     @app.errorhandler(NetraError)
     async def netra_error(exc: NetraError) -> Any:
-        status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 400)
-        return jsonify(code=exc.code, message=exc.message), status
+        return jsonify(code=exc.code, message=exc.message), exc.http_status
 
     @app.get("/api/threads")
     async def list_threads() -> Any:

@@ -15,11 +15,11 @@ import trio
 
 from .. import errors
 from ..auth import Identity, bearer_token
-from ..errors import NetraError, Unauthorized
+from ..errors import BadRequest, Busy, Forbidden, NetraError, Unauthorized
 from ..hub import Hub
 from ..protocol import SUBPROTOCOL, Auth, parse_client_message
 from ..session import Session
-from ..transport import HandshakeError, Transport, WebSocketTransport
+from ..transport import HandshakeError, Transport, UpgradeRequest, WebSocketTransport
 from ..transport.handshake import accept_response, error_response, parse_upgrade
 
 log = logging.getLogger("netra.web")
@@ -35,31 +35,14 @@ def origin_allowed(origin: str, host: str | None, allowed: tuple[str, ...]) -> b
 
 async def serve_upgrade(hub: Hub, sock: socket.socket, head: bytes, rest: bytes) -> None:
     """One connection that asked for ``GET /ws``: check, upgrade, serve."""
-    c, m = hub.config, hub.metrics
+    c = hub.config
     try:
         request = parse_upgrade(head)
-        origin = request.header(b"origin")
-        if origin is not None and not origin_allowed(origin, request.header(b"host"), c.allowed_origins):
-            raise HandshakeError(403, "forbidden", "origin not allowed")
-        if hub.draining:
-            raise HandshakeError(503, "busy", "server is shutting down")
-        if {"token", "access_token", "jwt"} & parse_qs(request.query).keys():
-            raise HandshakeError(
-                400, "bad_request",
-                "tokens are never accepted in the query string; use the Authorization header or an auth frame",
-            )
-        identity = None
-        token = bearer_token(request.headers)
-        if token is not None:
-            try:
-                identity = hub.verifier.verify(token)
-            except Unauthorized as exc:
-                log.info("upgrade refused: %s", exc.message, extra={"code": 401})
-                raise HandshakeError(401, exc.code, exc.message) from None
-    except HandshakeError as exc:
-        m.connections_refused.labels(str(exc.status)).inc()
-        await _send_all(sock, error_response(exc.status, exc.code, exc.message, headers=exc.headers), c.write_timeout_s)
-        return
+        identity = _check_upgrade(hub, request)
+    except HandshakeError as exc:  # not a WebSocket upgrade netra can take
+        return await _refuse(hub, sock, exc.status, exc.code, exc.message, exc.headers)
+    except NetraError as exc:  # the upgrade is fine, the request is not allowed
+        return await _refuse(hub, sock, exc.http_status, exc.code, exc.message)
     subprotocol = SUBPROTOCOL if SUBPROTOCOL in request.subprotocols else None
     if not await _send_all(sock, accept_response(request.key, subprotocol), c.write_timeout_s):
         return
@@ -75,6 +58,37 @@ async def serve_upgrade(hub: Hub, sock: socket.socket, head: bytes, rest: bytes)
         await serve_transport(hub, transport, identity)
     finally:
         await transport.aclose()
+
+
+def _check_upgrade(hub: Hub, request: UpgradeRequest) -> Identity | None:
+    """The rules of an upgrade, in the protocol's order (docs/protocol.md
+    section 2); the identity when an Authorization header proved one."""
+    c = hub.config
+    origin = request.header(b"origin")
+    if origin is not None and not origin_allowed(origin, request.header(b"host"), c.allowed_origins):
+        raise Forbidden("origin not allowed")
+    if hub.draining:
+        raise Busy("server is shutting down", retry_after_ms=int(c.drain_grace_s * 1000))
+    if {"token", "access_token", "jwt"} & parse_qs(request.query).keys():
+        raise BadRequest(
+            "tokens are never accepted in the query string; use the Authorization header or an auth frame"
+        )
+    token = bearer_token(request.headers)
+    if token is None:
+        return None
+    try:
+        return hub.verifier.verify(token)
+    except Unauthorized as exc:
+        log.info("upgrade refused: %s", exc.message, extra={"code": 401})
+        raise
+
+
+async def _refuse(
+    hub: Hub, sock: socket.socket, status: int, code: str, message: str,
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> None:
+    hub.metrics.connections_refused.labels(str(status)).inc()
+    await _send_all(sock, error_response(status, code, message, headers=headers), hub.config.write_timeout_s)
 
 
 async def serve_transport(hub: Hub, transport: Transport, identity: Identity | None) -> None:

@@ -63,6 +63,7 @@ class Hub:
     _tool_calls: dict[tuple[str, str], Any] = attrs.field(factory=dict, init=False)
     _tool_duration: dict[str, Any] = attrs.field(factory=dict, init=False)
     _model_turn: dict[str, Any] = attrs.field(factory=dict, init=False)
+    _model_tokens: dict[str, Any] = attrs.field(factory=dict, init=False)
     _run_limits: dict[str, RunLimits] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -110,6 +111,14 @@ class Hub:
         if duration is None:
             duration = self._tool_duration[tool] = self.metrics.tool_duration.labels(tool)
         duration.observe(seconds)
+
+    def count_tokens(self, usage: dict[str, int]) -> None:
+        for kind, value in usage.items():
+            if value:
+                child = self._model_tokens.get(kind)
+                if child is None:
+                    child = self._model_tokens[kind] = self.metrics.model_tokens.labels(kind)
+                child.inc(value)
 
     def model_turn(self, outcome: str) -> Any:
         child = self._model_turn.get(outcome)

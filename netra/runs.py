@@ -335,7 +335,7 @@ class RunTable:
                     scope.deadline = run.exec_started + timeout if math.isfinite(timeout) else math.inf
                     history = await self._history(run)
                     text = await loop.execute(history, run.text)
-                    _count_tokens(hub, loop)
+                    hub.count_tokens(loop.usage)
                     completed = AgentCompleted(
                         run_id=run.id, thread_id=run.thread_id, message_id=run.message_id,
                         text=text, usage=dict(loop.usage), agent=run.agent.name,
@@ -510,12 +510,6 @@ class RunTable:
         self.hub.model_turn(outcome).observe(total)
         if first is not None:
             m.model_first_event.observe(first)
-
-
-def _count_tokens(hub: Hub, loop: AgentLoop) -> None:
-    for kind, value in loop.usage.items():
-        if value:
-            hub.metrics.model_tokens.labels(kind).inc(value)
 
 
 def _ms_since(t0: float | None) -> int:

@@ -259,3 +259,14 @@ async def test_many_resumes_mid_stream_replay_in_order(autojump_clock):
             for i in range(60):
                 nursery.start_soon(one, i)
         assert server.hub.metrics.sessions_resumed.labels("resumed")._value.get() == 60
+
+
+async def test_a_user_at_the_connection_limit_can_still_come_back_to_resume(autojump_clock):
+    async with open_hub(resumable(max_connections_per_user=1)) as server:
+        async with server.connect(user_id="kai") as first:
+            connected = first.received[0]
+            first.client.drop()
+        async with server.connect(user_id="kai") as second:
+            assert second.closed is None  # not refused 4429 for the session it comes back for
+            await second.send(resume_frame(connected, last_seq=1))
+            await second.until("resumed")

@@ -114,7 +114,9 @@ async def serve_transport(hub: Hub, transport: Transport, identity: Identity | N
             reason = exc.message if isinstance(exc, Unauthorized) else "authenticate first"
             return await close_now(transport, errors.CLOSE_UNAUTHORIZED, reason, c.close_timeout_s)
     user = hub.user(identity.user_id)
-    if len(hub.sessions) >= c.max_connections or len(user.connections) >= c.max_connections_per_user:
+    # a session waiting for its dropped client does not keep that client from coming back to resume it
+    attached = sum(not s.detached for s in user.connections)
+    if len(hub.sessions) >= c.max_connections or attached >= c.max_connections_per_user:
         hub.forget_user_if_idle(user)
         m.connections_closed.labels(str(errors.CLOSE_TOO_MANY)).inc()
         return await close_now(transport, errors.CLOSE_TOO_MANY, "too many connections", c.close_timeout_s)

@@ -61,6 +61,22 @@ def set_priority(nice: int) -> None:
         pass
 
 
+def client_options(nice: int = 0) -> dict:
+    """Options for ``trio.lowlevel.open_process`` of a client process: with
+    ``nice``, it leads its own session (so its own autogroup) at that
+    niceness, as the servers do. No parent-death signal here: trio starts a
+    process from a worker thread, and that signal fires when the thread that
+    started the child exits (an idle worker thread does after a few seconds),
+    not the bench."""
+    if not nice:
+        return {}
+
+    def preexec() -> None:
+        set_priority(nice)
+
+    return {"preexec_fn": preexec, "start_new_session": True}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))

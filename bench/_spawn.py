@@ -33,14 +33,16 @@ def raise_nofile() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-async def spawn(module: str, specs: list[dict[str, Any]], secret: str) -> list[tuple[trio.Process, LineReader]]:
+async def spawn(module: str, specs: list[dict[str, Any]], secret: str,
+                nice: int = 0) -> list[tuple[trio.Process, LineReader]]:
     env = {**os.environ, "NETRA_JWT_SECRET": secret,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     out = []
     for spec in specs:
         proc = await trio.lowlevel.open_process(
             [sys.executable, "-m", module, "--worker", json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=str(ROOT))
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=str(ROOT),
+            **_servers.client_options(nice))
         out.append((proc, LineReader(proc.stdout)))
     return out
 

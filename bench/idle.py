@@ -51,7 +51,7 @@ from .hotpath import netra_source
 
 
 async def _connect_batch(server: _servers.Server, n: int, procs: int, concurrency: int, secret: str,
-                         tag: str, sources: int = 0) -> tuple[list[Any], list[dict[str, Any]]]:
+                         tag: str, sources: int = 0, nice: int = 0) -> tuple[list[Any], list[dict[str, Any]]]:
     specs, first = [], 1
     connect_phase_s = 120 + n * 30 / max(1, concurrency)
     addresses = [f"127.0.0.{i}" for i in range(2, 2 + sources)] or None
@@ -61,7 +61,7 @@ async def _connect_batch(server: _servers.Server, n: int, procs: int, concurrenc
                       "connect_concurrency": max(1, concurrency // procs), "connect_phase_s": connect_phase_s,
                       "close_timeout_s": 60.0, "hold_timeout_s": connect_phase_s + 3600})
         first += count
-    workers = await _spawn.spawn("bench._rawclient", specs, secret)
+    workers = await _spawn.spawn("bench._rawclient", specs, secret, nice)
     try:
         with trio.fail_after(connect_phase_s):
             ready = [await _spawn.expect(r, "READY") for _, r in workers]
@@ -101,7 +101,7 @@ async def _one(kind: str, args: argparse.Namespace, secret: str, log_dir: Path) 
     k = args.connections
     server = _servers.start(kind, secret=secret, delay_ms=0.0, log_dir=log_dir, netra_forced={
         "NETRA_MAX_CONNECTIONS": str(k + args.warmup + 1000)}, nofile=k + args.warmup + 1000,
-        netra_root=args.netra_root)
+        netra_root=args.netra_root, nice=args.nice)
     try:
         await _servers.wait_ready(server)
         pid = server.proc.pid
@@ -118,7 +118,7 @@ async def _one(kind: str, args: argparse.Namespace, secret: str, log_dir: Path) 
         busy = _spawn.MachineBusy()
         t0 = time.monotonic()
         workers, ready = await _connect_batch(server, k, args.processes, args.connect_concurrency, secret, kind,
-                                              sources=args.source_addresses)
+                                              sources=args.source_addresses, nice=args.nice)
         connect_s = time.monotonic() - t0
         connected = sum(r["open"] for r in ready)
         errors: dict[str, int] = {}
@@ -194,7 +194,8 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         "meta": {"connections": args.connections, "connections_asked": args.connections_asked,
                  "connect_concurrency": args.connect_concurrency,
                  "client": "bench/_rawclient.py", "source_addresses": args.source_addresses,
-                 "netra_source": netra_source(args.netra_root or _servers.ROOT),
+                 "netra_source": netra_source(args.netra_root or _servers.ROOT) | (
+                     {"label": args.netra_label} if args.netra_label else {}), "nice": args.nice,
                  "processes": args.processes, "warmup": args.warmup, "settle_s": args.settle_s,
                  "bench_nofile": list(limit), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         "summary": summary,
@@ -230,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--servers", nargs="+", default=["netra", "peer", "floor"], choices=["netra", "peer", "floor"])
     p.add_argument("--netra-root", type=Path, default=None,
                    help="run the netra package of this source tree instead of this repository's")
+    p.add_argument("--netra-label", help="what the measured netra is (e.g. the commit of an exported tree)")
+    p.add_argument("--nice", type=int, default=0,
+                   help="niceness of the servers and of the client processes (and their autogroups), e.g. -10 "
+                        "on a machine shared with other work (needs CAP_SYS_NICE; default 0)")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     if args.netra_root is not None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import trio
 
+from . import _servers
 from ._client import Tally, User, mint_token
 from ._servers import cpu_seconds, machine_cpu
 
@@ -151,8 +152,10 @@ async def run_scenario(
     run_timeout_s: float = 60.0,
     connect_concurrency: int = 100,
     timeout_s: float = 600.0,
+    nice: int = 0,
 ) -> dict[str, Any]:
-    """Run one scenario against ``url`` and return its merged figures."""
+    """Run one scenario against ``url`` and return its merged figures
+    (``nice``: the client processes' niceness, see _servers.client_options)."""
     procs = max(1, min(processes, users))
     connect_timeout_s = 30.0
     connect_phase_s = 60.0 + users * connect_timeout_s / connect_concurrency
@@ -170,7 +173,8 @@ async def run_scenario(
             first += count
             workers.append(await trio.lowlevel.open_process(
                 [sys.executable, "-m", "bench.load", "--worker", json.dumps(spec)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=str(ROOT)))
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=str(ROOT),
+                **_servers.client_options(nice)))
         readers = [LineReader(w.stdout) for w in workers]
         ready = []
         with trio.fail_after(connect_phase_s):

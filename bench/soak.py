@@ -39,6 +39,7 @@ from typing import Any
 import trio
 
 from . import _servers, _spawn
+from .hotpath import netra_source
 from .load import run_scenario
 
 METRICS = ("netra_runs_active", "netra_outbox_queued", "netra_connections_open", "netra_trio_tasks")
@@ -64,7 +65,8 @@ async def _soak(kind: str, args: argparse.Namespace, secret: str, log_dir: Path)
     forced = {"NETRA_MAX_CONNECTIONS": str(args.users * 2 + 100)}
     if args.store == "sqlite":
         forced["NETRA_DATABASE_URL"] = f"sqlite:///{log_dir}/soak.sqlite3"
-    server = _servers.start(kind, secret=secret, delay_ms=args.delay_ms, log_dir=log_dir, netra_forced=forced)
+    server = _servers.start(kind, secret=secret, delay_ms=args.delay_ms, log_dir=log_dir, netra_forced=forced,
+                            netra_root=args.netra_root, nice=args.nice)
     samples: list[dict[str, Any]] = []
     segments: list[dict[str, Any]] = []
     busy = _spawn.MachineBusy()
@@ -76,7 +78,7 @@ async def _soak(kind: str, args: argparse.Namespace, secret: str, log_dir: Path)
         for i in range(args.segments):
             row = await run_scenario(name=f"soak-{kind}-s{i}", url=server.url, users=args.users,
                                      messages=messages, processes=args.processes, secret=secret,
-                                     server_pid=server.proc.pid, timeout_s=args.segment_timeout_s)
+                                     server_pid=server.proc.pid, timeout_s=args.segment_timeout_s, nice=args.nice)
             done += row["runs_attempted"]
             await trio.sleep(args.settle_s)
             samples.append(await _sample(server, f"after segment {i + 1}", done))
@@ -161,6 +163,8 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "meta": {"runs": args.runs, "segments": args.segments, "netra_store": args.store, "users": args.users, "processes": args.processes,
                  "delay_ms": args.delay_ms, "settle_s": args.settle_s, "final_settle_s": args.final_settle_s,
+                 "netra_source": netra_source(args.netra_root or _servers.ROOT) | (
+                     {"label": args.netra_label} if args.netra_label else {}), "nice": args.nice,
                  "log_dir": str(log_dir), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         "summary": summary,
         "servers": results,
@@ -181,8 +185,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="also soak the FastAPI peer with the same load (--no-peer to skip)")
     p.add_argument("--store", choices=("none", "sqlite"), default="none",
                    help="netra's store: none (ids kept in memory, bounded) or sqlite (the default deployment)")
+    p.add_argument("--nice", type=int, default=0,
+                   help="niceness of the servers and of the client processes (and their autogroups), e.g. -10 "
+                        "on a machine shared with other work (needs CAP_SYS_NICE; default 0)")
+    p.add_argument("--netra-root", type=Path, default=None,
+                   help="run the netra package of this source tree instead of this repository's")
+    p.add_argument("--netra-label", help="what the measured netra is (e.g. the commit of an exported tree)")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
+    if args.netra_root is not None:
+        args.netra_root = args.netra_root.resolve()
+        if not (args.netra_root / "netra" / "__init__.py").exists():
+            p.error("--netra-root must hold a netra/ package")
     out = trio.run(_bench, args)
     _spawn.write_result(out, args.json)
     netra = out["servers"]["netra"]

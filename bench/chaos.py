@@ -61,6 +61,7 @@ from wsproto.events import (
 from . import _servers
 from ._client import SUBPROTOCOL, TERMINAL, mint_token
 from ._servers import cpu_seconds, fd_count, http_get, machine_cpu, rss_mib, tcp_sockets
+from .hotpath import netra_source
 from .load import ROOT, LineReader, cpu_self, emit, percentile, run_scenario
 
 FAULT_KINDS = ("tool_fail", "tool_hang", "disconnect", "slow_reader", "flood")
@@ -77,14 +78,14 @@ TCP_INFO = getattr(socket, "TCP_INFO", 11)
 def chaos_env(messages: int) -> dict[str, str]:
     """netra's settings for the chaos phase, unless the environment sets them.
 
-    The tool timeout and slow-consumer timeout are short so a hang and a slow
+    The tool timeout and the write timeout are short so a hang and a slow
     reader end within the phase. The rate limit is netra's own default
     (10/s, abuse limit 50) so a flood meets the real limiter, with a burst of
     at least ``messages`` + 10 so that a healthy user, who sends its next
     message the moment a run ends, is never refused for it."""
     return {
         "NETRA_TOOL_TIMEOUT_S": "1",
-        "NETRA_SLOW_CONSUMER_TIMEOUT_S": "2",
+        "NETRA_WRITE_TIMEOUT_S": "2",
         "NETRA_CLOSE_TIMEOUT_S": "2",
         "NETRA_RATE_PER_S": "10",
         "NETRA_RATE_BURST": str(max(30, messages + 10)),
@@ -282,7 +283,37 @@ class FaultCtx:
         self.stats = Stats()
         self.stop = trio.Event()
         self.pause_s = spec["pause_ms"] / 1000
-        self.bound_s = spec["slow_consumer_timeout_s"] + spec["close_timeout_s"]
+        self.bound_s = spec["write_timeout_s"] + spec["close_timeout_s"]
+        #: client port -> [the server's send queue to it (bytes), when it last grew (perf_counter)]
+        self.sndq: dict[int, list[float]] = {}
+
+    async def watch_send_queues(self, interval_s: float = 0.1) -> None:
+        """The server's side of each watched connection (a slow reader's):
+        its send queue (tx_queue of /proc/net/tcp: bytes written by the
+        server that the client has not acknowledged), and when it last grew.
+        netra's write deadline starts when the kernel stops taking its
+        writes, i.e. when that queue stops growing: the kernel takes up to
+        net.ipv4.tcp_wmem's maximum (4 MiB here) first."""
+        local = f":{self.port:04X}"
+        while True:
+            await trio.sleep(interval_s)
+            if not self.sndq:
+                continue
+            try:
+                with open("/proc/net/tcp") as f:
+                    lines = f.readlines()
+            except OSError:
+                continue
+            now = time.perf_counter()
+            for line in lines:
+                fields = line.split()
+                if len(fields) < 5 or not fields[1].endswith(local):
+                    continue
+                watched = self.sndq.get(int(fields[2].rsplit(":", 1)[1], 16))
+                if watched is not None:
+                    tx = int(fields[4].split(":")[0], 16)
+                    if tx > watched[0]:
+                        watched[0], watched[1] = tx, now
 
     async def open(self, kind: str, sub: str, *, rcvbuf: int | None = None,
                    read_connected: bool = True) -> RawWS | None:
@@ -432,11 +463,13 @@ async def _disconnect_loop(ctx: FaultCtx, kind: str, sub: str) -> None:
 
 async def _slow_reader_loop(ctx: FaultCtx, kind: str, sub: str) -> None:
     """A small receive buffer, a long stream asked for and never read. The
-    server must close within slow_consumer_timeout + close_timeout. We learn
-    when without reading: a small ping every 250 ms draws a TCP reset once
-    the server has closed its socket, and TCP_INFO then shows our socket
-    leaving ESTABLISHED. We also note when our receive queue last grew (the
-    server could push no more to us): ``rx_full_s``."""
+    server must close within write_timeout + close_timeout of the moment its
+    kernel stopped taking its writes to us (``sndq_full_s``: when the
+    server's send queue to us last grew, from /proc/net/tcp). We learn when
+    it closed without reading: a small ping every 250 ms draws a TCP reset
+    once the server has closed its socket, and TCP_INFO then shows our
+    socket leaving ESTABLISHED. We also note when our receive queue last grew
+    (the server could push no more to us): ``rx_full_s``."""
     st = ctx.stats
     chunks = ctx.spec["stream_chunks"]
     observe_s = ctx.spec["slow_observe_s"]
@@ -449,6 +482,8 @@ async def _slow_reader_loop(ctx: FaultCtx, kind: str, sub: str) -> None:
         cycle += 1
         closed_after: float | None = None
         how = "not_closed"
+        port = ws.sock.getsockname()[1]
+        watch = ctx.sndq[port] = [0, time.perf_counter()]
         try:
             await ws.send_json({"type": "user_message", "id": f"{sub}-m{cycle}",
                                 "text": f"chaos: a long answer I will not read [[stream:{chunks}]]"})
@@ -475,6 +510,7 @@ async def _slow_reader_loop(ctx: FaultCtx, kind: str, sub: str) -> None:
         except Gone:
             how = "send_failed_before_stream"
         finally:
+            ctx.sndq.pop(port, None)
             await ws.abort(rst=True)
         st.inc(kind, f"how:{how}")
         if closed_after is None:
@@ -483,7 +519,11 @@ async def _slow_reader_loop(ctx: FaultCtx, kind: str, sub: str) -> None:
             st.inc(kind, "closed_by_server")
             st.sample(kind, "close_s", closed_after)
             st.sample(kind, "rx_full_s", rx_grew - t0)
-            if closed_after > ctx.bound_s + ctx.spec["slow_slack_s"]:
+            full = max(0.0, watch[1] - t0)
+            st.sample(kind, "sndq_full_s", full)
+            st.sample(kind, "sndq_bytes", watch[0])
+            st.sample(kind, "close_after_sndq_full_s", closed_after - full)
+            if closed_after - full > ctx.bound_s + ctx.spec["slow_slack_s"]:
                 st.inc(kind, "closed_late")
         await trio.sleep(ctx.pause_s)
 
@@ -577,6 +617,7 @@ async def _worker(spec: dict[str, Any]) -> None:
     with trio.move_on_after(spec["deadline_s"]) as deadline:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(wait_stop)
+            nursery.start_soon(ctx.watch_send_queues)
             async with trio.open_nursery() as faults:
                 for i, (kind, sub) in enumerate(users):
                     faults.start_soon(one_user, kind, sub, i / max(1, len(users)))
@@ -587,6 +628,7 @@ async def _worker(spec: dict[str, Any]) -> None:
                 if grace.cancelled_caught:
                     ctx.stats.inc("_worker", "cycles_cut_at_stop", len(faults.child_tasks))
                 faults.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()  # the send-queue watch
     emit("RESULT", {"stats": ctx.stats.to_json(), "cpu_s": cpu_self() - cpu0, "wall_s": time.monotonic() - t0,
                      "deadline_hit": deadline.cancelled_caught})
 
@@ -708,7 +750,8 @@ class FaultWorker:
     async def start(self) -> None:
         self.proc = await trio.lowlevel.open_process(
             [sys.executable, "-m", "bench.chaos", "--worker", json.dumps(self.spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env, cwd=str(ROOT))
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env, cwd=str(ROOT),
+            **_servers.client_options(self.spec.get("nice", 0)))
         self.reader = LineReader(self.proc.stdout)
         with trio.fail_after(30):
             tag, _, _ = (await self.reader.readline()).partition(" ")
@@ -775,7 +818,7 @@ async def _phase(name: str, args: argparse.Namespace, *, url: str, port: int, se
                 await worker.start()
                 await trio.sleep(args.warmup)  # faults in full swing before the healthy users start
             healthy = await run_scenario(
-                name=f"chaos-{name}", url=url, users=args.users, messages=args.messages,
+                name=f"chaos-{name}", url=url, users=args.users, messages=args.messages, nice=args.nice,
                 processes=args.processes, secret=secret, server_pid=pid, run_timeout_s=args.run_timeout,
                 connect_concurrency=args.connect_concurrency, timeout_s=args.phase_timeout)
             if worker is not None:
@@ -861,24 +904,29 @@ def _fault_report(rows: list[dict[str, Any]], mix: dict[str, int], bound_s: floa
                                    "hang_to_tool_completed_ms": pcts(kind, "tool_ms")}
         elif kind == "disconnect":
             cancelled = runs.get("cancelled,disconnect", 0.0)
+            # a slow consumer's run still going at the 4430 is cancelled with reason disconnect too (cause
+            # slow_consumer); most slow readers' runs have ended by then, their events merged while behind
+            slow = _mdelta(first, last, "netra_runs_failed_total", "cause").get("slow_consumer", 0.0)
             entry["server_did"] = {
-                "runs_cancelled_disconnect": cancelled,  # also counts the slow readers' runs (4430 cancels them so)
-                "runs_cancelled_disconnect_minus_slow_readers":
-                    round(cancelled - counts.get("slow_reader", Counter()).get("injected", 0), 3),
+                "runs_cancelled_disconnect": cancelled,
+                "runs_cancelled_disconnect_minus_slow_consumers": round(cancelled - slow, 3),
                 "tool_calls_sleep": {k: v for k, v in tools.items() if k.startswith("sleep,")},
             }
         elif kind == "slow_reader":
-            close_s = sorted(samples.get(kind, {}).get("close_s", []))
+            after_full = sorted(samples.get(kind, {}).get("close_after_sndq_full_s", []))
             entry["server_did"] = {
                 "slow_consumer_closes": counter("netra_slow_consumer_closes_total"),
                 "transport_aborts": counter("netra_transport_aborts_total"),
                 "closes_4430": closes.get("4430", 0.0),
                 "close_s": pcts(kind, "close_s"),
                 "rx_full_s": pcts(kind, "rx_full_s"),
+                "sndq_full_s": pcts(kind, "sndq_full_s"),
+                "sndq_bytes": pcts(kind, "sndq_bytes"),
+                "close_after_sndq_full_s": pcts(kind, "close_after_sndq_full_s"),
                 "bound_s": bound_s,
                 "slack_s": slack_s,
-                "closed_within_bound": sum(1 for v in close_s if v <= bound_s + slack_s),
-                "close_s_all": [round(v, 2) for v in close_s][:100],
+                "closed_within_bound": sum(1 for v in after_full if v <= bound_s + slack_s),
+                "close_after_sndq_full_s_all": [round(v, 2) for v in after_full][:100],
             }
         elif kind == "flood":
             entry["server_did"] = {
@@ -965,8 +1013,11 @@ def _report(args: argparse.Namespace, rows: dict[str, dict[str, Any]], mix: dict
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "git": _git_state(),
+            "netra_source": netra_source(args.netra_root or ROOT) | (
+                {"label": args.netra_label} if args.netra_label else {}),
+            "nice": args.nice,
             "netra_env": netra_env,
-            "server_limits": {k: limits.get(k) for k in ("tool_timeout_s", "slow_consumer_timeout_s", "rate_per_s",
+            "server_limits": {k: limits.get(k) for k in ("tool_timeout_s", "write_timeout_s", "rate_per_s",
                                                           "rate_burst", "max_runs_per_user")},
         },
         "users": args.users,
@@ -1070,7 +1121,8 @@ def _summary(report: dict[str, Any]) -> list[str]:
     r = report["healthy_ttc_ms"]["ratio_chaos_over_baseline"]
     lines.append(f"   ratio: chaos/baseline ttc p50 {r['p50']} p99 {r['p99']}")
     for kind, f in report["faults"].items():
-        did = {k: v for k, v in f.get("server_did", {}).items() if k not in ("bound_s", "slack_s", "close_s_all")}
+        did = {k: v for k, v in f.get("server_did", {}).items()
+               if k not in ("bound_s", "slack_s", "close_after_sndq_full_s_all")}
         lines.append(f"   fault {kind:<11} users {f['users']:>3} injected {f['injected']:>5}  server: "
                      f"{json.dumps(did, separators=(',', ':'))}")
     met = report["targets"]
@@ -1115,9 +1167,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slow-observe", type=float, default=30.0,
                    help="longest a slow reader waits for the server to close it (s from its request)")
     p.add_argument("--slow-slack", type=float, default=1.0,
-                   help="seconds past slow_consumer_timeout + close_timeout still counted as in time")
+                   help="seconds past write_timeout + close_timeout still counted as in time")
     p.add_argument("--delay-ms", type=float, default=0.0, help="NETRA_SCRIPTED_DELAY_MS for the started server")
     p.add_argument("--lag-interval", type=float, default=1.0, help="seconds between event-loop-lag samples")
+    p.add_argument("--nice", type=int, default=0,
+                   help="niceness of the started netra and of the client processes (and their autogroups), "
+                        "e.g. -10 on a machine shared with other work (needs CAP_SYS_NICE; default 0)")
+    p.add_argument("--netra-root", type=Path, default=None,
+                   help="run the netra package of this source tree instead of this repository's")
+    p.add_argument("--netra-label", help="what the measured netra is (e.g. the commit of an exported tree); "
+                   "recorded in the JSON")
     p.add_argument("--json", metavar="PATH", help="also write the JSON here")
     p.add_argument("--strict", action="store_true", help="exit 2 when a target is missed")
     args = p.parse_args(argv)
@@ -1134,6 +1193,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
             p.error("--target needs NETRA_JWT_SECRET (the key the server verifies tokens with)")
     elif args.server_pid:
         p.error("--server-pid goes with --target")
+    if args.netra_root is not None:
+        if args.target:
+            p.error("--netra-root goes with a server the bench starts, not --target")
+        args.netra_root = args.netra_root.resolve()
+        if not (args.netra_root / "netra" / "__init__.py").exists():
+            p.error("--netra-root must hold a netra/ package")
     return args
 
 
@@ -1153,7 +1218,8 @@ async def _chaos(args: argparse.Namespace) -> dict[str, Any]:
             log_dir = Path(tempfile.mkdtemp(prefix="netra-chaos-"))
             _log(f"server log: {log_dir}")
             server = _servers.start("netra", secret=secret, delay_ms=args.delay_ms, log_dir=log_dir,
-                                    netra_defaults=env_defaults, netra_forced=forced)
+                                    netra_defaults=env_defaults, netra_forced=forced, netra_root=args.netra_root,
+                                    nice=args.nice)
             await _servers.wait_ready(server)
             url, pid = server.url, server.proc.pid
             _log(f"netra ready on {url} (pid {pid})")
@@ -1163,16 +1229,17 @@ async def _chaos(args: argparse.Namespace) -> dict[str, Any]:
         if args.fd_wait is None:
             args.fd_wait = float(limits.get("heartbeat_interval_s") or 20.0) + 5.0
         close_timeout = float(netra_env.get("NETRA_CLOSE_TIMEOUT_S") or os.environ.get("NETRA_CLOSE_TIMEOUT_S") or 2.0)
-        sc_timeout = float(limits.get("slow_consumer_timeout_s") or 5.0)
+        # write_timeout_s; slow_consumer_timeout_s is its earlier name (netra before its own transport)
+        sc_timeout = float(limits.get("write_timeout_s") or limits.get("slow_consumer_timeout_s") or 5.0)
         tool_timeout = float(limits.get("tool_timeout_s") or 30.0)
         fault_spec = {
             "host": host, "port": port, "prefix": f"chaos-{os.getpid()}", "mix": args.mix,
             "pause_ms": args.fault_pause_ms, "flood_pause_ms": args.flood_pause_ms,
             "stream_chunks": args.stream_chunks, "rcvbuf": args.rcvbuf,
-            "slow_consumer_timeout_s": sc_timeout, "close_timeout_s": close_timeout,
+            "write_timeout_s": sc_timeout, "close_timeout_s": close_timeout,
             "slow_observe_s": max(args.slow_observe, sc_timeout + close_timeout + 1), "slow_slack_s": args.slow_slack,
             "run_timeout_s": max(15.0, 3 * tool_timeout + 5), "connect_timeout_s": 15.0,
-            "flood_max_s": args.flood_max_s, "go_timeout_s": 60.0,
+            "flood_max_s": args.flood_max_s, "go_timeout_s": 60.0, "nice": args.nice,
             "stop_grace_s": max(20.0, args.slow_observe + 5, args.flood_max_s + 10, 3 * tool_timeout + 10),
             "deadline_s": args.warmup + args.phase_timeout + 300,
         }

@@ -19,7 +19,11 @@ the bench:
 4. waits ``--settle-s``, reads RSS again = "open";
 5. closes every connection from the client side (close frame, then the
    socket), waits, and reads RSS, open file descriptors and, for netra,
-   /readyz ``connections``.
+   /readyz ``connections``;
+6. does 2 to 5 again, ``--cycles`` times in all (default 2): memory freed
+   inside the process is seldom given back to the OS, so RSS after closing
+   stays up; a second cycle whose open RSS is about the first's shows it
+   was reused, not leaked.
 
 ``rss_per_connection_kib`` = (open - before) / connections actually open.
 Nothing is sent on the idle connections (netra's heartbeat pings, which the
@@ -114,60 +118,72 @@ async def _one(kind: str, args: argparse.Namespace, secret: str, log_dir: Path) 
             workers, _ = await _connect_batch(server, args.warmup, 1, min(args.warmup, 50), secret, f"{kind}-warm")
             await _close_batch(workers)
         await trio.sleep(args.settle_s)
-        before = await _snapshot(server)
-        busy = _spawn.MachineBusy()
-        t0 = time.monotonic()
-        workers, ready = await _connect_batch(server, k, args.processes, args.connect_concurrency, secret, kind,
-                                              sources=args.source_addresses, nice=args.nice)
-        connect_s = time.monotonic() - t0
-        connected = sum(r["open"] for r in ready)
-        errors: dict[str, int] = {}
-        for r in ready:
-            for key, n in r["errors"].items():
-                errors[key] = errors.get(key, 0) + n
-        print(f"{kind}: {connected}/{k} open in {connect_s:.1f} s", file=sys.stderr, flush=True)
-        await trio.sleep(args.settle_s)
-        opened = await _snapshot(server)
-        opened["hwm_mib"] = (_servers.rss_mib(pid) or {}).get("hwm")
-        closed = await _close_batch(workers)
-        machine_busy = busy.stop()
-        # wait (bounded) for the server to notice every close
-        after = await _snapshot(server)
-        deadline = time.monotonic() + args.drain_s
-        while time.monotonic() < deadline:
-            if (after["connections"] in (None, 0)) and (after["fds"] or 0) <= (before["fds"] or 0) + 2:
-                break
-            await trio.sleep(0.5)
+
+        async def cycle(no: int) -> dict[str, Any]:
+            before = await _snapshot(server)
+            busy = _spawn.MachineBusy()
+            t0 = time.monotonic()
+            workers, ready = await _connect_batch(server, k, args.processes, args.connect_concurrency, secret,
+                                                  f"{kind}-c{no}", sources=args.source_addresses, nice=args.nice)
+            connect_s = time.monotonic() - t0
+            connected = sum(r["open"] for r in ready)
+            errors: dict[str, int] = {}
+            for r in ready:
+                for key, n in r["errors"].items():
+                    errors[key] = errors.get(key, 0) + n
+            print(f"{kind}: cycle {no}: {connected}/{k} open in {connect_s:.1f} s", file=sys.stderr, flush=True)
+            await trio.sleep(args.settle_s)
+            opened = await _snapshot(server)
+            opened["hwm_mib"] = (_servers.rss_mib(pid) or {}).get("hwm")
+            closed = await _close_batch(workers)
+            machine_busy = busy.stop()
+            # wait (bounded) for the server to notice every close
             after = await _snapshot(server)
-        await trio.sleep(args.settle_s)
-        after = await _snapshot(server)
-        growth = (opened["rss_kib"] or 0) - (before["rss_kib"] or 0)
-        row = {
-            "server": kind, "connections_asked": k, "connected": connected,
-            "still_open_at_close": sum(c["open_before_close"] for c in closed),
-            "dropped_while_idle": sum(c["dropped_while_idle"] for c in closed),
-            "client_close_errors": _sum_counts(c["errors"] for c in closed),
-            "close_codes": _sum_counts(c["close_codes"] for c in closed),
-            "server_pings_answered": sum(c["pings"] for c in closed),
-            "close_s": round(max(c["close_s"] for c in closed), 2),
-            "connect_s": round(connect_s, 2), "connects_per_s": round(connected / connect_s, 1) if connect_s else None,
-            "rss_mib": {"before": round(before["rss_kib"] / 1024, 1), "open": round(opened["rss_kib"] / 1024, 1),
-                        "after_close": round(after["rss_kib"] / 1024, 1), "hwm": opened["hwm_mib"]},
-            "rss_per_connection_kib": round(growth / connected, 2) if connected else None,
-            "fds": {"before": before["fds"], "open": opened["fds"], "after_close": after["fds"]},
-            "readyz_connections": {"before": before["connections"], "open": opened["connections"],
-                                   "after_close": after["connections"]},
-            "readyz_users_after_close": after["users"],
-            "server_nofile": server_nofile,
-            "client_nofile": ready[0]["nofile"] if ready else None,
-            "client_processes": len(ready),
-            "machine_busy": machine_busy,
-            "errors": errors,
-        }
-        if warn:
-            row["warning"] = warn
-        print(f"{kind}: {row['rss_per_connection_kib']} KiB/connection  rss {row['rss_mib']}  "
-              f"fds {row['fds']}  readyz {row['readyz_connections']}", file=sys.stderr, flush=True)
+            deadline = time.monotonic() + args.drain_s
+            while time.monotonic() < deadline:
+                if (after["connections"] in (None, 0)) and (after["fds"] or 0) <= (before["fds"] or 0) + 2:
+                    break
+                await trio.sleep(0.5)
+                after = await _snapshot(server)
+            await trio.sleep(args.settle_s)
+            after = await _snapshot(server)
+            growth = (opened["rss_kib"] or 0) - (before["rss_kib"] or 0)
+            row = {
+                "server": kind, "connections_asked": k, "connected": connected,
+                "still_open_at_close": sum(c["open_before_close"] for c in closed),
+                "dropped_while_idle": sum(c["dropped_while_idle"] for c in closed),
+                "client_close_errors": _sum_counts(c["errors"] for c in closed),
+                "close_codes": _sum_counts(c["close_codes"] for c in closed),
+                "server_pings_answered": sum(c["pings"] for c in closed),
+                "close_s": round(max(c["close_s"] for c in closed), 2),
+                "connect_s": round(connect_s, 2), "connects_per_s": round(connected / connect_s, 1) if connect_s else None,
+                "rss_mib": {"before": round(before["rss_kib"] / 1024, 1), "open": round(opened["rss_kib"] / 1024, 1),
+                            "after_close": round(after["rss_kib"] / 1024, 1), "hwm": opened["hwm_mib"]},
+                "rss_per_connection_kib": round(growth / connected, 2) if connected else None,
+                "fds": {"before": before["fds"], "open": opened["fds"], "after_close": after["fds"]},
+                "readyz_connections": {"before": before["connections"], "open": opened["connections"],
+                                       "after_close": after["connections"]},
+                "readyz_users_after_close": after["users"],
+                "server_nofile": server_nofile,
+                "client_nofile": ready[0]["nofile"] if ready else None,
+                "client_processes": len(ready),
+                "machine_busy": machine_busy,
+                "errors": errors,
+            }
+            if warn:
+                row["warning"] = warn
+            print(f"{kind}: cycle {no}: {row['rss_per_connection_kib']} KiB/connection  rss {row['rss_mib']}  "
+                  f"fds {row['fds']}  readyz {row['readyz_connections']}", file=sys.stderr, flush=True)
+            return row
+
+        rows = [await cycle(no) for no in range(1, args.cycles + 1)]
+        row = rows[0]
+        if args.cycles > 1:
+            # memory a closed connection left is reused by the next ones when the open RSS stays put
+            row["cycles"] = [{key: r[key] for key in ("connected", "rss_mib", "rss_per_connection_kib", "fds",
+                                                      "readyz_connections", "close_codes")} for r in rows]
+            row["rss_open_growth_after_first_cycle_mib"] = round(rows[-1]["rss_mib"]["open"]
+                                                                 - rows[0]["rss_mib"]["open"], 1)
         return row
     finally:
         _servers.stop(server)
@@ -183,6 +199,8 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         await trio.sleep(2)  # let the loopback sockets of the last one leave TIME_WAIT bookkeeping behind
     summary: dict[str, Any] = {kind: {"rss_per_connection_kib": r["rss_per_connection_kib"],
                                       "connected": r["connected"],
+                                      "rss_mib": r["rss_mib"],
+                                      "rss_open_mib_each_cycle": [c["rss_mib"]["open"] for c in r.get("cycles", [r])],
                                       "connections_left_after_close": r["readyz_connections"]["after_close"],
                                       "fds_left_after_close": (r["fds"]["after_close"] or 0) - (r["fds"]["before"] or 0)}
                                for kind, r in rows.items()}
@@ -196,7 +214,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                  "client": "bench/_rawclient.py", "source_addresses": args.source_addresses,
                  "netra_source": netra_source(args.netra_root or _servers.ROOT) | (
                      {"label": args.netra_label} if args.netra_label else {}), "nice": args.nice,
-                 "processes": args.processes, "warmup": args.warmup, "settle_s": args.settle_s,
+                 "processes": args.processes, "warmup": args.warmup, "cycles": args.cycles, "settle_s": args.settle_s,
                  "bench_nofile": list(limit), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         "summary": summary,
         "servers": rows,
@@ -226,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source-addresses", type=int, default=None,
                    help="client addresses 127.0.0.2 ... (default: one per 20,000 connections, at least 1)")
     p.add_argument("--warmup", type=int, default=20, help="connections opened and closed before 'before'")
+    p.add_argument("--cycles", type=int, default=2,
+                   help="open, measure and close the connections this many times per server (default: 2): the "
+                        "first cycle's figures are reported; the later ones show whether the memory the first "
+                        "left behind is reused")
     p.add_argument("--settle-s", type=float, default=3.0, help="wait before each RSS reading")
     p.add_argument("--drain-s", type=float, default=30.0, help="longest wait for the server to see the closes")
     p.add_argument("--servers", nargs="+", default=["netra", "peer", "floor"], choices=["netra", "peer", "floor"])
@@ -256,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     args.source_addresses = max(0, min(args.source_addresses, 250))
     out = trio.run(_bench, args)
     _spawn.write_result(out, args.json)
-    ok = all(r["connected"] == args.connections and not r["readyz_connections"]["after_close"]
-             for r in out["servers"].values())
+    ok = all(c["connected"] == args.connections and not c["readyz_connections"]["after_close"]
+             for r in out["servers"].values() for c in r.get("cycles", [r]))
     return 0 if ok else 1
 
 

@@ -27,7 +27,7 @@ from .auth import (
     is_loopback,
     signing_secret,
 )
-from .config import Config
+from .config import Config, unknown_variables
 
 log = logging.getLogger("netra")
 
@@ -127,6 +127,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"netra serve: {exc}", file=sys.stderr)
         return 2
     logs.configure(config.log_level)
+    for name in unknown_variables(os.environ):
+        print(f"netra serve: {name} is not a setting and is ignored (the settings are in the README)", file=sys.stderr)
     workers = worker_count(config.workers)
     try:
         hub = Hub.build(config)  # a supervisor only checks the settings with it

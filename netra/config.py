@@ -123,6 +123,11 @@ class Config:
         default=5.0,
     )
     handshake_timeout_s: float = _doc("Time a new connection has to send its request head.", default=10.0)
+    send_buffer_bytes: int = _doc(
+        "Kernel send buffer of a WebSocket connection (SO_SNDBUF; 0: the system's). What it holds counts as "
+        "taken by the client, so it bounds how late a client that stops reading is noticed.",
+        default=131072,
+    )
     close_timeout_s: float = _doc(
         "Time given to flush events and a close frame before the socket is cut.", default=2.0
     )
@@ -190,11 +195,15 @@ class Config:
         if path:
             with Path(path).open("rb") as f:
                 data = tomllib.load(f)
-            section = data.get("netra", data)
+            section = {_RENAMED.get(k, k): v for k, v in data.get("netra", data).items()}
             unknown = set(section) - _FIELDS.keys()
             if unknown:
                 raise ValueError(f"unknown settings in {path}: {', '.join(sorted(unknown))}")
             values.update({k: _coerce(_FIELDS[k], v) for k, v in section.items()})
+        for old, new in _RENAMED.items():  # an earlier name still works, the new one wins
+            raw = env.get(f"NETRA_{old.upper()}")
+            if raw is not None:
+                values[new] = _coerce(_FIELDS[new], raw)
         for name, field in _FIELDS.items():
             raw = env.get(f"NETRA_{name.upper()}")
             if raw is not None:
@@ -211,6 +220,19 @@ class Config:
 
 
 _FIELDS: dict[str, attrs.Attribute] = {f.name: f for f in attrs.fields(Config)}
+
+#: Settings renamed since a release: the earlier name -> the current one.
+_RENAMED: dict[str, str] = {"slow_consumer_timeout_s": "write_timeout_s"}
+
+#: NETRA_* variables that are not server settings (the clients' and the tests').
+_NOT_SETTINGS = frozenset({"NETRA_TOKEN", "NETRA_URL", "NETRA_CONFIG", "NETRA_TEST_DATABASE_URL"})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """NETRA_* variables that name no setting: most likely misspelt, and
+    otherwise silently ignored (``netra serve`` warns about them)."""
+    known = {f"NETRA_{name.upper()}" for name in (*_FIELDS, *_RENAMED)} | _NOT_SETTINGS
+    return sorted(k for k in environ if k.startswith("NETRA_") and k not in known)
 _TYPES = typing.get_type_hints(Config)
 
 

@@ -51,3 +51,16 @@ def test_readme_lists_every_setting_with_its_default():
     for env, default, doc in describe():
         row = f"| `{env}` | `{default}` | {doc} |"
         assert row in readme, f"README's configuration table is out of date for {env}"
+
+
+def test_an_earlier_name_of_a_setting_still_works_and_the_new_one_wins():
+    assert Config.load(environ={"NETRA_SLOW_CONSUMER_TIMEOUT_S": "2"}).write_timeout_s == 2.0
+    both = {"NETRA_SLOW_CONSUMER_TIMEOUT_S": "2", "NETRA_WRITE_TIMEOUT_S": "3"}
+    assert Config.load(environ=both).write_timeout_s == 3.0
+
+
+def test_misspelt_variables_are_named():
+    from netra.config import unknown_variables
+
+    environ = {"NETRA_WRITE_TIMEOUT": "2", "NETRA_PORT": "1", "NETRA_TOKEN": "t", "PATH": "/bin"}
+    assert unknown_variables(environ) == ["NETRA_WRITE_TIMEOUT"]

@@ -163,3 +163,16 @@ async def test_a_text_message_before_auth_that_is_not_auth_closes_4401():
         with trio.fail_after(5):
             assert await raw.read_close_code() == 4401
         await raw.stream.aclose()
+
+
+async def test_websocket_sockets_have_a_bounded_kernel_send_buffer():
+    """What the kernel holds for a client counts as taken: a fixed buffer
+    bounds how much a client that stops reading can swallow before its
+    write deadline starts (the system's autotuning grows it to megabytes)."""
+    async with open_server(config_for_tests(send_buffer_bytes=65536)) as server:
+        raw = await open_raw(server.ws_url, token_for(server, "buf"))
+        await raw.read_event()
+        [session] = server.hub.sessions
+        size = session.transport._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        assert 65536 <= size <= 2 * 65536  # Linux reports twice what was set
+        await raw.stream.aclose()

@@ -43,6 +43,11 @@ async def serve_upgrade(hub: Hub, sock: socket.socket, head: bytes, rest: bytes)
         return await _refuse(hub, sock, exc.status, exc.code, exc.message, exc.headers)
     except NetraError as exc:  # the upgrade is fine, the request is not allowed
         return await _refuse(hub, sock, exc.http_status, exc.code, exc.message)
+    if c.send_buffer_bytes > 0:
+        try:  # a fixed kernel buffer: a client that stops reading is noticed within its size
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, c.send_buffer_bytes)
+        except OSError:
+            pass
     subprotocol = SUBPROTOCOL if SUBPROTOCOL in request.subprotocols else None
     if not await _send_all(sock, accept_response(request.key, subprotocol), c.write_timeout_s):
         return

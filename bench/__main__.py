@@ -187,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         from .hotpath import main as hotpath_main
 
         return hotpath_main(argv[1:])
+    if argv[:1] == ["workers"]:  # python -m bench workers: netra serve --workers 1 against --workers 2
+        from .workers import main as workers_main
+
+        return workers_main(argv[1:])
     if argv[:1] == ["framing"]:  # python -m bench framing: WebSocket framing and JSON encoding costs
         from .framing import main as framing_main
 

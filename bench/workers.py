@@ -83,6 +83,8 @@ class Netra:
 def start(workers: int, args: argparse.Namespace, secret: str, log_dir: Path) -> Netra:
     forced = {"NETRA_DATABASE_URL": "none", "NETRA_WORKERS": str(workers),
               "NETRA_MAX_CONNECTIONS": str(max(10000, 2 * max(args.connections) + 100))}
+    log_path = log_dir / f"netra-w{workers}.log"  # appended to by every round: read only this start's part
+    log_from = log_path.stat().st_size if log_path.exists() else 0
     server = _servers.start(f"netra-w{workers}", secret=secret, delay_ms=0.0, log_dir=log_dir,
                             netra_forced=forced, netra_root=args.netra_root,
                             nofile=max(args.connections) * 2 + 1000, nice=args.nice)
@@ -93,7 +95,9 @@ def start(workers: int, args: argparse.Namespace, secret: str, log_dir: Path) ->
             # /healthz answers once one worker listens; the supervisor prints the pids once all do.
             deadline = time.monotonic() + 60.0
             while time.monotonic() < deadline:
-                m = PIDS_LINE.search(server.log_path.read_text(errors="replace"))
+                with open(server.log_path, "rb") as f:
+                    f.seek(log_from)
+                    m = PIDS_LINE.search(f.read().decode(errors="replace"))
                 if m:
                     pids = [int(x) for x in m.group(2).split()]
                     break
@@ -388,6 +392,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     b = cpu_lines()
     quiet = {str(c): (core_busy(a, b, {c}) or {}).get("busy") for c in sorted(a)}
     _log(f"machine busy per core before the bench (1 s, nothing of ours running): {quiet}")
+    # read before the servers start: the tree may move while the bench runs
+    source = netra_source(args.netra_root or ROOT) | ({"label": args.netra_label} if args.netra_label else {})
     rows: list[dict[str, Any]] = []
     started = time.time()
     for rnd in range(1, args.rounds + 1):
@@ -427,8 +433,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "duration_s_total": round(time.time() - started, 1),
             "machine": machine(),
             "busy_per_core_before": quiet,
-            "netra_source": netra_source(args.netra_root or ROOT) | ({"label": args.netra_label}
-                                                                      if args.netra_label else {}),
+            "netra_source": source,
             "workers": args.workers, "connections": args.connections, "rounds": args.rounds,
             "duration_s": args.duration, "warmup_s": args.warmup, "cpus": sorted(args.cpus),
             "client_processes": args.client_processes, "nice": args.nice,

@@ -161,6 +161,13 @@ class Config:
     openai_api_key: str | None = _doc("API key for the OpenAI-compatible provider.", default=None, repr=False)
     openai_model: str = _doc("Model name for the OpenAI-compatible provider.", default="gpt-4o-mini")
     openai_max_retries: int = _doc("Retries before the first chunk (429, 5xx, connect).", default=3)
+    model_max_tokens: int = _doc(
+        "Most tokens of one model answer (max_tokens); an agent may set its own.", default=4096
+    )
+    model_temperature: float | None = _doc(
+        "Sampling temperature sent to the model; unset: the provider's. An agent may set its own.",
+        default=None,
+    )
 
     # -- store ----------------------------------------------------------------
     database_url: str | None = _doc(

@@ -182,6 +182,7 @@ class Hub:
             max_output_bytes=c.max_output_bytes,
             max_tool_result_bytes=c.max_tool_result_bytes,
             cancel_emit_timeout_s=c.close_timeout_s,
+            model_options=_model_options(agent, c),
         )
         if self.agents.agents.get(agent.name) is agent:
             self._run_limits[agent.name] = limits
@@ -237,6 +238,14 @@ class Hub:
     @property
     def version(self) -> str:
         return __version__
+
+
+def _model_options(agent: Any, c: Config) -> dict[str, Any]:
+    options: dict[str, Any] = {"max_tokens": agent.max_tokens or c.model_max_tokens}
+    temperature = agent.temperature if agent.temperature is not None else c.model_temperature
+    if temperature is not None:
+        options["temperature"] = temperature
+    return options
 
 
 def _dedupe(tools: list[Any]) -> list[Any]:

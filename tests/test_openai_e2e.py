@@ -312,3 +312,43 @@ async def test_cancel_mid_stream_closes_the_http_stream():
     assert [e.type for e in events] == ["agent_started", "agent_thinking", "text_delta", "text_delta", "agent_cancelled"]
     assert events[-1].raw["reason"] == "client"
     assert len(fake.bodies) == 1
+
+
+# -- request options and usage ---------------------------------------------------------
+
+
+async def test_max_tokens_and_temperature_have_defaults_and_an_agent_may_set_its_own():
+    async def answer(ex: Exchange) -> None:
+        await ex.start()
+        await ex.send(chunk("fine."))
+        await ex.finish(3, 1)
+
+    terse = Agent(name="terse", description="Short answers.", instructions="Be brief.",
+                  max_tokens=64, temperature=0.2)
+    plain = Agent(name="plain", description="Plain answers.", instructions="Answer.")
+    agents = AgentSet.of([plain, terse])
+    with trio.fail_after(TIMEOUT):
+        async with netra_on_fake_openai(answer, answer, agents=agents, model_max_tokens=1000) as (server, fake):
+            async with connect(server.ws_url, token_for(server, "pia")) as conn:
+                await conn.collect("hello", agent="plain")
+                await conn.collect("hello", agent="terse")
+    default, own = fake.bodies
+    assert default["max_tokens"] == 1000 and "temperature" not in default  # the provider's temperature
+    assert own["max_tokens"] == 64 and own["temperature"] == 0.2
+
+
+async def test_a_provider_that_sends_no_usage_reports_it_unknown_not_zero():
+    async def answer(ex: Exchange) -> None:
+        await ex.start()
+        await ex.send(chunk("no usage from me."))
+        await ex.send(chunk(finish="stop"))
+        await ex.send("[DONE]")
+        await ex.stream.send_all(b"0\r\n\r\n")
+
+    agents = AgentSet.of([Agent(name="plain", description="Plain answers.", instructions="Answer.")])
+    with trio.fail_after(TIMEOUT):
+        async with netra_on_fake_openai(answer, agents=agents) as (server, fake):
+            async with connect(server.ws_url, token_for(server, "quin")) as conn:
+                events = await conn.collect("hello")
+    assert events[-1].type == "agent_completed"
+    assert events[-1].raw["usage"] == {"prompt_tokens": None, "completion_tokens": None}

@@ -29,6 +29,10 @@ class Agent:
     max_steps: int | None = None
     max_tool_calls: int | None = None
     timeout_s: float | None = None
+    #: Most tokens of one model answer, and the sampling temperature (None:
+    #: the server's model_max_tokens / model_temperature).
+    max_tokens: int | None = None
+    temperature: float | None = None
 
     def tool_names(self) -> tuple[str, ...]:
         return tuple(t if isinstance(t, str) else t.name for t in self.tools)

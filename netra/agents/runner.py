@@ -56,6 +56,8 @@ class RunLimits:
     max_tool_result_bytes: int
     #: How long a cancelled tool call may wait to report its tool_completed.
     cancel_emit_timeout_s: float = 1.0
+    #: Sent with every model request of the run (max_tokens, temperature).
+    model_options: dict[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.define(eq=False, kw_only=True)
@@ -82,7 +84,9 @@ class AgentLoop:
     on_model_turn: Callable[[str, float | None, float], None] = lambda outcome, first, total: None
 
     text_parts: list[str] = attrs.field(factory=list)
-    usage: dict[str, int] = attrs.field(factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
+    #: Token counts the model reported; None while it reported none (unknown,
+    #: not zero: a provider that sends no usage must not look free).
+    usage: dict[str, int | None] = attrs.field(factory=lambda: {"prompt_tokens": None, "completion_tokens": None})
     tool_calls: list[ToolCallRecord] = attrs.field(factory=list)
     _output_bytes: int = 0
     _announced_step: int = 0  # the last step an agent_thinking was sent for
@@ -117,7 +121,9 @@ class AgentLoop:
     async def _model_turn(
         self, messages: list[ChatMessage], specs: tuple[Any, ...], step: int
     ) -> tuple[tuple[ToolCallRequest, ...], str]:
-        request = ModelRequest(messages=tuple(messages), tools=specs, model=self.agent.model)
+        request = ModelRequest(
+            messages=tuple(messages), tools=specs, model=self.agent.model, options=self.limits.model_options
+        )
         calls: list[ToolCallRequest] = []
         turn_text: list[str] = []
         timeout = self.limits.first_chunk_timeout_s
@@ -183,8 +189,9 @@ class AgentLoop:
             case ToolCallRequest():
                 calls.append(event)
             case Usage(prompt_tokens=p, completion_tokens=c):
-                self.usage["prompt_tokens"] += p
-                self.usage["completion_tokens"] += c
+                usage = self.usage
+                usage["prompt_tokens"] = (usage["prompt_tokens"] or 0) + p
+                usage["completion_tokens"] = (usage["completion_tokens"] or 0) + c
 
     def _thinking(self, text: str, step: int) -> AgentThinking:
         return AgentThinking(

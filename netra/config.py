@@ -143,7 +143,8 @@ class Config:
         default=30.0,
     )
     resume_buffer_bytes: int = _doc(
-        "Sent events a session keeps for a resume (older ones: resync_required).", default=262144
+        "Sent events a session keeps for a resume (older ones: resync_required); memory per busy session.",
+        default=65536,
     )
 
     # -- shutdown -----------------------------------------------------------

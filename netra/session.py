@@ -91,7 +91,9 @@ class Session:
     #: events it keeps for a replay, and its state while no connection carries it.
     session_id: str = attrs.field(init=False)
     resume_token: str | None = None
-    _retained: collections.deque[tuple[int, bytes]] | None = None
+    #: Sent events kept for a resume, one entry per flush: (seq of its
+    #: first event, the payloads, their size); a flush costs one append.
+    _retained: collections.deque[tuple[int, list[bytes], int]] | None = None
     _retained_bytes: int = 0
     _retained_after: int = 0  # every event after this seq is retained
     detached: bool = False
@@ -272,14 +274,14 @@ class Session:
         retained = self._retained
         if retained is None:
             retained = self._retained = collections.deque()
-        for i, payload in enumerate(payloads):
-            retained.append((first_seq + i, payload))
-            self._retained_bytes += len(payload)
+        size = sum(map(len, payloads))
+        retained.append((first_seq, payloads, size))
+        self._retained_bytes += size
         limit = self.hub.config.resume_buffer_bytes
         while self._retained_bytes > limit and retained:
-            dropped_seq, dropped = retained.popleft()
-            self._retained_bytes -= len(dropped)
-            self._retained_after = dropped_seq
+            dropped_first, dropped, dropped_size = retained.popleft()
+            self._retained_bytes -= dropped_size
+            self._retained_after = dropped_first + len(dropped) - 1
 
     def slow_consumer(self) -> None:
         """The client does not read its events: close 4430 (the socket is cut
@@ -394,7 +396,11 @@ class Session:
             )]
             self.hub.metrics.sessions_resumed.labels("resync_required").inc()
         else:
-            replay = [payload for seq, payload in retained if seq > last_seq]
+            replay = [  # the events after last_seq: whole batches, and the tail of the one it falls in
+                payload
+                for first, batch, _size in retained if first + len(batch) - 1 > last_seq
+                for payload in batch[max(0, last_seq + 1 - first):]
+            ]
             payloads = [encode_event(
                 Resumed(session_id=self.session_id, last_seq=last_seq, replayed=len(replay)), seq=last_seq, ts=ts
             ), *replay]

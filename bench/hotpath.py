@@ -462,6 +462,21 @@ def report(out: dict[str, Any]) -> None:
             _log(f"PROBLEM: {p}")
 
 
+def load_problems(tag: str, r: dict[str, Any]) -> list[str]:
+    """What one measurement's own checks found: connections not opened,
+    seq errors, failed or unchecked runs (shared with bench.workers)."""
+    c = r["checks"]
+    out = []
+    if r["opened"] != r["connections"]:
+        out.append(f"{tag}: {r['opened']}/{r['connections']} connections opened {c['connect_errors']}")
+    for key in ("seq_errors", "unfinished_at_drain", "warmup_check_failures", "failed_runs", "errors"):
+        if c[key]:
+            out.append(f"{tag}: {key} {c[key]}")
+    if not c["warmup_runs_checked_ok"]:
+        out.append(f"{tag}: no warm-up run was checked")
+    return out
+
+
 def _problems(rows: list[dict[str, Any]], limit: float) -> list[str]:
     out = []
     for r in rows:
@@ -469,17 +484,7 @@ def _problems(rows: list[dict[str, Any]], limit: float) -> list[str]:
         if "error" in r:
             out.append(f"{tag}: {r['error']}")
             continue
-        c = r["checks"]
-        if r["opened"] != r["connections"]:
-            out.append(f"{tag}: {r['opened']}/{r['connections']} connections opened {c['connect_errors']}")
-        for key in ("seq_errors", "unfinished_at_drain"):
-            if c[key]:
-                out.append(f"{tag}: {key} {c[key]}")
-        for key in ("warmup_check_failures", "failed_runs", "errors"):
-            if c[key]:
-                out.append(f"{tag}: {key} {c[key]}")
-        if not c["warmup_runs_checked_ok"]:
-            out.append(f"{tag}: no warm-up run was checked")
+        out.extend(load_problems(tag, r))
         for side in ("server", "client"):
             if (r[f"{side}_core_others"] or 0) > 0.05:
                 out.append(f"{tag}: other processes (or steal) used {r[f'{side}_core_others']} of the {side}'s "

@@ -45,6 +45,7 @@ import trio
 from . import _servers
 from .hotpath import (
     ROOT,
+    load_problems,
     Worker,
     _log,
     _pct,
@@ -310,17 +311,8 @@ def _problems(rows: list[dict[str, Any]]) -> list[str]:
         if "error" in r:
             out.append(f"{tag}: {r['error']}")
             continue
+        out.extend(load_problems(tag, r))
         c = r["checks"]
-        if r["opened"] != r["connections"]:
-            out.append(f"{tag}: {r['opened']}/{r['connections']} connections opened {c['connect_errors']}")
-        for key in ("seq_errors", "unfinished_at_drain"):
-            if c[key]:
-                out.append(f"{tag}: {key} {c[key]}")
-        for key in ("warmup_check_failures", "failed_runs", "errors"):
-            if c[key]:
-                out.append(f"{tag}: {key} {c[key]}")
-        if not c["warmup_runs_checked_ok"]:
-            out.append(f"{tag}: no warm-up run was checked")
         if set(c["close_codes"]) - {"1000"}:
             out.append(f"{tag}: close codes {c['close_codes']}")
         if not r["netra_processes_same_in_window"]:

@@ -56,7 +56,7 @@ class Flusher:
                     except Exception:  # a bug in one session must not stop everyone's events
                         log.exception("flushing a connection failed; closing it")
                         session.transport.abort()
-                await trio.lowlevel.checkpoint()
+                # no checkpoint here: parking is one, and only other tasks can mark sessions dirty
         finally:
             self._task = None
             for session in self._dirty:

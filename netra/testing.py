@@ -80,7 +80,6 @@ class MemoryServer:
         ``user_id``, as if the upgrade's Authorization header had been
         verified. ``connected`` is read before this returns (unless refused:
         then ``connection.closed`` says how)."""
-        from .web.ws import serve_transport
 
         hub = self.hub
         transport, client = memory_transport_pair(
@@ -89,7 +88,7 @@ class MemoryServer:
         identity = None
         if token is None:
             identity = Identity(user_id=user_id or "user", expires_at=time.time() + 3600)
-        self._nursery.start_soon(_serve_memory, serve_transport, hub, transport, identity)
+        self._nursery.start_soon(_serve_memory, hub, transport, identity)
         connection = MemoryConnection(client)
         if token is not None:
             await connection.send({"type": "auth", "token": token})
@@ -178,7 +177,9 @@ class ConnectionEnded(Exception):
         self.closed = closed
 
 
-async def _serve_memory(serve_transport: Any, hub: Hub, transport: MemoryTransport, identity: Any) -> None:
+async def _serve_memory(hub: Hub, transport: MemoryTransport, identity: Any) -> None:
+    from .web.ws import serve_transport
+
     try:
         await serve_transport(hub, transport, identity)
     finally:

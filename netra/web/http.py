@@ -112,8 +112,8 @@ class HttpSide:
         self._on_abort = on_abort
 
     async def run_lifespan(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The app's startup (before ``task_status.started``) and, when this
-        task is cancelled... its shutdown is :meth:`shutdown`."""
+        """Run the app's lifespan: ``task_status.started`` once its startup
+        is done; :meth:`shutdown` runs its shutdown."""
         lifespan = Lifespan(self._app, self._config, self._state)
         async with trio.open_nursery() as nursery:
             await nursery.start(lifespan.handle_lifespan)

@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 import time
+from typing import Any
 
 import trio
 
@@ -28,6 +29,7 @@ from .auth import (
     signing_secret,
 )
 from .config import Config, unknown_variables
+from .errors import NetraError, StoreError
 
 log = logging.getLogger("netra")
 
@@ -153,13 +155,29 @@ def _serve(args: argparse.Namespace) -> int:
             trio.run(functools.partial(serve_forever, hub, on_ready=ready))
         else:
             trio.run(_serve_worker, args, hub, ready)
-    except (BaseExceptionGroup, OSError) as failure:
+    except (BaseExceptionGroup, OSError, NetraError) as failure:
+        unreachable = None if listening else _first(failure, StoreError)
+        if unreachable is not None:  # the database or the cluster's Redis, at start-up
+            print(f"netra: cannot start: {unreachable.message}", file=sys.stderr)
+            return 2
         problem = None if listening else _listen_error(failure)
         if problem is None:
             raise
         print(f"netra: cannot listen on {_address(config)}: {_strerror(problem)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _first(failure: BaseException, kind: type[Exception]) -> Any:
+    """The first ``kind`` in what was raised (through exception groups), or None."""
+    if isinstance(failure, kind):
+        return failure
+    if isinstance(failure, BaseExceptionGroup):
+        matched, _ = failure.split(kind)
+        while isinstance(matched, BaseExceptionGroup):
+            matched = matched.exceptions[0]
+        return matched
+    return None
 
 
 def _banner(http_url: str, config: Config, created: bool, *, more: tuple[str, ...] = ()) -> str:

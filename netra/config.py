@@ -181,6 +181,22 @@ class Config:
     store_pool_size: int = _doc("Database connections (PostgreSQL pool, SQLite threads).", default=8)
     store_timeout_s: float = _doc("Longest wait for one store operation.", default=10.0)
 
+    # -- cluster --------------------------------------------------------------
+    redis_url: str | None = _doc(
+        "redis://... joins a cluster: limits, cancels and sessions shared through Redis by every "
+        "process of every machine (PostgreSQL as the store). Unset: one process's own limits.",
+        default=None,
+        repr=False,
+    )
+    redis_prefix: str = _doc(
+        "Prefix of every Redis key and channel of this cluster (two clusters may share one Redis).",
+        default="netra:",
+    )
+    cluster_lease_ttl_s: float = _doc(
+        "How long a dead node's capacity stays taken (leases are extended every third of it).",
+        default=10.0,
+    )
+
     # -- operations -----------------------------------------------------------
     log_level: str = _doc("Log level: DEBUG, INFO, WARNING, ERROR.", default="INFO")
     metrics_token: str | None = _doc(

@@ -18,6 +18,7 @@ from . import __version__
 from .agents import AgentSet, builtin_agents
 from .agents.runner import RunLimits, agent_tools
 from .auth import TokenVerifier, is_loopback
+from .cluster.node import ClusterNode, NodeCounts
 from .config import Config
 from .limits import UserState
 from .flusher import Flusher
@@ -40,11 +41,17 @@ class Hub:
     model: Model
     store: Store
     metrics: Metrics = attrs.field(factory=Metrics)
+    #: This process's membership of a cluster (NETRA_REDIS_URL), or None.
+    cluster: ClusterNode | None = None
     ids: Ids = attrs.field(factory=Ids)
 
     run_limiter: trio.CapacityLimiter = attrs.field(init=False)
     model_limiter: trio.CapacityLimiter = attrs.field(init=False)
     tool_limiters: dict[str, trio.CapacityLimiter] = attrs.field(init=False)
+    #: What runs acquire: the limiters above, each in front of the
+    #: cluster's shared one of the same name in a cluster.
+    model_gate: Any = attrs.field(init=False)
+    tool_gates: dict[str, Any] = attrs.field(init=False)
     agent_tools: dict[str, ToolRegistry] = attrs.field(init=False)
     agent_specs: dict[str, tuple[Any, ...]] = attrs.field(init=False)
     users: dict[str, UserState] = attrs.field(factory=dict)
@@ -73,10 +80,42 @@ class Hub:
         self.tool_limiters = {
             t.name: trio.CapacityLimiter(t.concurrency) for t in self.tools.values() if t.concurrency
         }
+        self.model_gate, self.tool_gates = self.model_limiter, dict(self.tool_limiters)
+        if self.cluster is not None:
+            self._join(self.cluster)
         extra = (*self.shared_tools, *(t.name for t in chaos_tools())) if c.chaos_tools else self.shared_tools
         self.agent_tools = {a.name: agent_tools(a, self.tools, extra) for a in self.agents}
         self.agent_specs = {name: registry.specs() for name, registry in self.agent_tools.items()}
         self._wire_gauges()
+
+    def _join(self, cluster: ClusterNode) -> None:
+        self.model_gate = cluster.layered(self.model_limiter, "model")
+        self.tool_gates = {name: cluster.layered(lim, f"tool:{name}") for name, lim in self.tool_limiters.items()}
+        cluster.on_control = self.apply_control
+        cluster.counts = self.node_counts
+        cluster.sweep = self.store.close_orphaned_runs
+
+    def apply_control(self, message: dict[str, Any]) -> None:
+        """A control message another node sent this one: a cancel of runs
+        of one user (the user is checked: a run id alone never suffices)."""
+        if message.get("op") != "cancel":
+            return
+        user = self.users.get(str(message.get("user_id")))
+        run_ids = message.get("run_ids")
+        if user is None or not isinstance(run_ids, list):
+            return
+        reason = "interrupted" if message.get("reason") == "interrupted" else "client"
+        for run in list(user.runs):
+            if run.id in run_ids:
+                run.cancel(reason, by=user.user_id)
+
+    def node_counts(self) -> NodeCounts:
+        return NodeCounts(
+            nodes=1,
+            connections=len(self.sessions),
+            runs_active=self.run_limiter.borrowed_tokens,
+            runs_queued=self.queued_runs,
+        )
 
     def _wire_gauges(self) -> None:
         """Gauges read at scrape time from the live objects (nothing to keep in sync)."""
@@ -89,6 +128,11 @@ class Hub:
         m.limiter_borrowed.labels("model").set_function(lambda: self.model_limiter.borrowed_tokens)
         for name, limiter in self.tool_limiters.items():
             m.limiter_borrowed.labels(f"tool:{name}").set_function(lambda lim=limiter: lim.borrowed_tokens)
+        if self.cluster is not None:
+            cluster = self.cluster
+            for kind in ("nodes", "connections", "runs_active", "runs_queued"):
+                m.cluster.labels(kind).set_function(lambda k=kind: getattr(cluster.cluster, k))
+            m.cluster_leases_lost.set_function(lambda: cluster.keeper.leases_lost)
         for kind in ("size", "in_use", "waiting", "waits_total"):
             m.store_pool.labels(kind).set_function(lambda k=kind: getattr(self.store.stats(), k))
 
@@ -143,6 +187,13 @@ class Hub:
             from .store import open_store
 
             store = open_store(config)
+        cluster = None
+        if config.redis_url:
+            check_cluster_store(config, store)
+            cluster = ClusterNode.from_url(
+                config.redis_url, node_id=store.node_id, ttl=config.cluster_lease_ttl_s,
+                prefix=config.redis_prefix,
+            )
         agents = agents or _load_agents(config)
         tools = [*builtin_tools(), *agents.inline_tools(), *extra_tools]
         if config.chaos_tools:
@@ -154,6 +205,7 @@ class Hub:
             tools=ToolRegistry(_dedupe(tools)),
             model=model or _model_from_config(config),
             store=store,
+            cluster=cluster,
             shared_tools=tuple(t.name for t in extra_tools),
         )
 
@@ -238,6 +290,20 @@ class Hub:
     @property
     def version(self) -> str:
         return __version__
+
+
+def check_cluster_store(config: Config, store: Store) -> None:
+    """A cluster's nodes share one store, and only PostgreSQL is one that
+    several machines can share (SQLite is one machine's file; the memory
+    store, one process's)."""
+    from .store.postgres import PostgresStore
+
+    if not isinstance(store, PostgresStore):
+        raise ValueError(
+            "cluster mode (NETRA_REDIS_URL) needs PostgreSQL as the store, shared by every node: "
+            "set NETRA_DATABASE_URL=postgresql://... (SQLite and `none` are one machine's, "
+            "so threads, message ids and node_lost would not hold across the cluster)"
+        )
 
 
 def _model_options(agent: Any, c: Config) -> dict[str, Any]:

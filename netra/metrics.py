@@ -201,6 +201,20 @@ class Metrics:
         )
     )
 
+    cluster: Gauge = _registry_field(
+        lambda s: Gauge(
+            "netra_cluster", "The cluster's counts as of this node's last heartbeat, by kind: nodes, "
+            "connections, runs_active, runs_queued (absent outside a cluster).",
+            ["kind"], registry=s.registry,
+        )
+    )
+    cluster_leases_lost: Gauge = _registry_field(
+        lambda s: Gauge(
+            "netra_cluster_leases_lost", "Leases this node lost while holding them (Redis unreachable for a TTL).",
+            registry=s.registry,
+        )
+    )
+
     def render(self) -> bytes:
         """The exposition text; call it from inside the trio run (task count)."""
         return generate_latest(self.registry)

@@ -20,7 +20,7 @@ import logging
 import math
 import secrets
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import trio
@@ -100,6 +100,8 @@ class Run:
     user_message_id: str
     #: The agent the message named (None: the supervisor may choose).
     requested_agent: str | None = None
+    #: The thread's rule for this run: enqueue, reject or interrupt.
+    multitask: str = "enqueue"
     received_at: float = attrs.field(factory=trio.current_time)
     cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     cancel_reason: str | None = None
@@ -189,7 +191,7 @@ class RunTable:
         run = Run(
             id=ids.new("run"), thread_id=thread_id, new_thread=new_thread, user_id=user.user_id,
             agent=agent, text=msg.text, client_id=msg.id, requested_agent=msg.agent,
-            message_id=ids.new("msg"), user_message_id=ids.new("msg"),
+            message_id=ids.new("msg"), user_message_id=ids.new("msg"), multitask=multitask,
         )
         self.runs[run.id] = run
         self.owned.add(run.id)
@@ -204,26 +206,35 @@ class RunTable:
     def _limiters(self) -> list[trio.CapacityLimiter]:
         return [self.limiter, self.user.run_limiter, self.hub.run_limiter]
 
-    def limiter_name(self, limiter: trio.CapacityLimiter) -> str:
+    def limiter_name(self, limiter: Any) -> str:
         if limiter is self.limiter:
             return "connection"
         if limiter is self.user.run_limiter:
             return "user"
-        return "global"
+        name = getattr(limiter, "name", "")  # a cluster's limiter
+        if name.startswith("user-runs:"):
+            return "cluster_user"
+        return "cluster_global" if name == "runs" else "global"
 
     # -- cancelling -----------------------------------------------------------
 
-    def cancel(self, *, run_id: str | None, thread_id: str | None, by: str) -> None:
-        """A client's cancel: only this session's runs (their agent_cancelled
-        is the answer, and it goes to the session that started them)."""
-        if run_id is not None:
-            targets = [r for r in (self.runs.get(run_id),) if r is not None]
-        else:
-            targets = [r for r in self.runs.values() if r.thread_id == thread_id]
-        if not targets:
+    def cancel(self, *, run_id: str | None, thread_id: str | None, by: str) -> int:
+        """A client's cancel of its user's run (or of a thread's runs): this
+        session's first, else the user's on other connections of this node.
+        Each run's ``agent_cancelled`` goes to the session that started it.
+        Returns how many were found here: none is ``not_found``, unless a
+        cluster may have them (the caller routes it there)."""
+        pool = [self.runs.values(), [r for r in self.user.runs if r.id not in self.runs]]
+        targets = []
+        for runs in pool:
+            targets = [r for r in runs if (r.id == run_id if run_id is not None else r.thread_id == thread_id)]
+            if targets:
+                break
+        if not targets and self.hub.cluster is None:
             raise NotFound("no such run in progress")
         for run in targets:
             run.cancel("client", by=by)
+        return len(targets)
 
     def cancel_all(self, reason: str, *, by: str, cause: str) -> None:
         for run in list(self.runs.values()):
@@ -271,17 +282,23 @@ class RunTable:
         failure: NetraError | None = None
         completed: AgentCompleted | None = None
         held: list[trio.CapacityLimiter] = []
+        shared: list[tuple[Any, Any]] = []  # places in the cluster's limiters
+        cluster = hub.cluster
         has_thread = False
         started_at = time.time()
         scope = run.cancel_scope
         try:
             with scope:
                 try:
+                    if cluster is not None:
+                        await cluster.register_run(run.user_id, run.id, run.thread_id)
+                        if run.multitask == "reject":
+                            shared += await self._cluster_thread(run)
                     if model_routes(hub.model, hub.agents, run.requested_agent):
                         # a real model may route better than the rules did
                         run.agent = await choose_agent(
                             hub.model, hub.agents, run.text, None,
-                            timeout_s=config.model_first_chunk_timeout_s, limiter=hub.model_limiter,
+                            timeout_s=config.model_first_chunk_timeout_s, limiter=hub.model_gate,
                         )
                     begun = await store.begin_run(RunStart(
                         run_id=run.id,
@@ -307,7 +324,11 @@ class RunTable:
                         self._announce(run, None)
                         await lock.acquire()
                     has_thread = True
+                    if cluster is not None and not shared:
+                        shared += await self._cluster_thread(run)
                     held = await acquire_all(run, self._limiters(), lambda lim: self._announce(run, lim))
+                    if cluster is not None:
+                        shared += await cluster.take(self._cluster_limiters(run), lambda lim: self._announce(run, lim))
                     thread.waiting.remove(run)
                     thread.active = run
                     self._executing(run)
@@ -325,8 +346,8 @@ class RunTable:
                         specs=hub.agent_specs[run.agent.name],
                         limits=hub.run_limits(run.agent),
                         emit=lambda event: self.emit(run, event),
-                        model_limiter=hub.model_limiter,
-                        tool_limiters=hub.tool_limiters,
+                        model_limiter=hub.model_gate,
+                        tool_limiters=hub.tool_gates,
                         on_tool_call=self._count_tool_call,
                         on_model_turn=self._count_model_turn,
                     )
@@ -378,17 +399,51 @@ class RunTable:
         finally:
             # the slot covers the run until its terminal event is queued
             release_all(run, held)
+            if cluster is not None:
+                cluster.give_back(shared)
+                cluster.forget_run(run.user_id, run.id)
             if has_thread:
                 thread.lock.release()
             self._ended(run)
             if recorded:  # torn down with its session: no terminal event to send
                 await self._record_outcome(run, loop, failure, None)
 
-    def _announce(self, run: Run, limiter: trio.CapacityLimiter | None) -> None:
+    # -- in a cluster ---------------------------------------------------------------
+
+    async def _cluster_thread(self, run: Run) -> list[tuple[Any, Any]]:
+        """The thread's one place in the cluster: a run of it on another
+        node is rejected against, interrupted, or waited for, by the run's
+        multitask rule, as a run of it on this node is."""
+        cluster = self.hub.cluster
+        assert cluster is not None
+        limiter = cluster.limiter(f"thread:{run.thread_id}", 1)
+        if run.multitask == "reject":
+            try:
+                return [(limiter, await limiter.acquire_nowait())]
+            except trio.WouldBlock:
+                others = await cluster.runs_of(run.user_id)
+                active = next((rid for rid, (_, tid) in others.items() if tid == run.thread_id and rid != run.id), None)
+                raise RunInProgress(
+                    "this thread has a run in progress", run_id=active, thread_id=run.thread_id
+                ) from None
+        if run.multitask == "interrupt":
+            await cluster.route_cancel(
+                run.user_id, run_id=None, thread_id=run.thread_id, reason="interrupted",
+                by=run.user_id, keep=run.id,
+            )
+        return await cluster.take([limiter], lambda lim: self._announce(run, None))
+
+    def _cluster_limiters(self, run: Run) -> list[Any]:
+        cluster, c = self.hub.cluster, self.hub.config
+        assert cluster is not None
+        return [cluster.limiter(f"user-runs:{run.user_id}", c.max_runs_per_user), cluster.limiter("runs", c.max_runs)]
+
+    def _announce(self, run: Run, limiter: Any) -> None:
         if limiter is None:
             position = len(self.user.thread(run.thread_id).waiting)
         else:
-            position = limiter.statistics().tasks_waiting + 1
+            position = limiter.tasks_waiting if hasattr(limiter, "keeper") else limiter.statistics().tasks_waiting
+            position += 1
             self.hub.metrics.limiter_waits.labels(self.limiter_name(limiter)).inc()
         self.emit(run, RunQueued(run_id=run.id, thread_id=run.thread_id, position=position, ref=run.client_id))
 

@@ -113,6 +113,8 @@ class Server:
         try:
             async with trio.open_nursery() as services:
                 await hub.open()
+                if hub.cluster is not None:
+                    await services.start(hub.cluster.run)
                 await services.start(http.run_lifespan)
                 services.start_soon(hub.flusher.run)
                 services.start_soon(_watch_loop_lag, hub)

@@ -25,6 +25,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -104,6 +105,10 @@ class Session:
     #: what tells this connection when that session is done with it.
     handed_to: Session | None = None
     handed_released: trio.Event | None = None
+    #: Gives back this connection's place among its user's connections
+    #: across a cluster (None outside one): when the session ends, or when
+    #: its connection drops and it waits for a resume.
+    seat: Callable[[], None] | None = None
 
     def __attrs_post_init__(self) -> None:
         c = self.hub.config
@@ -344,6 +349,7 @@ class Session:
         ):
             return False
         self.detached = True
+        self.give_up_seat()
         if self._released is not None:  # the connection that lent it may close it now
             self._released.set()
             self._released = None
@@ -471,7 +477,9 @@ class Session:
             case UserMessage():
                 self.runs.start(message)
             case Cancel(run_id=run_id, thread_id=thread_id):
-                self.runs.cancel(run_id=run_id, thread_id=thread_id, by=self.identity.user_id)
+                if not self.runs.cancel(run_id=run_id, thread_id=thread_id, by=self.identity.user_id):
+                    assert self._nursery is not None  # in a cluster: the run may be on another node
+                    self._nursery.start_soon(self._route_cancel, run_id, thread_id, getattr(message, "id", None))
             case Resume():
                 self._take_over(message)
             case Auth(token=token):
@@ -480,6 +488,24 @@ class Session:
                     raise errors.Forbidden("a token for another user cannot be used on this connection")
                 self.identity = identity
                 self._watch_expiry()
+
+    def give_up_seat(self) -> None:
+        seat, self.seat = self.seat, None
+        if seat is not None:
+            seat()
+
+    async def _route_cancel(self, run_id: str | None, thread_id: str | None, ref: str | None) -> None:
+        """A cancel of none of this node's runs: the cluster's, where they run."""
+        cluster = self.hub.cluster
+        assert cluster is not None
+        user_id = self.identity.user_id
+        try:
+            routed = await cluster.route_cancel(user_id, run_id=run_id, thread_id=thread_id, reason="client", by=user_id)
+        except NetraError as exc:
+            self.send(error_event(exc, ref=ref))
+            return
+        if not routed:
+            self.send(error_event(errors.NotFound("no such run in progress"), ref=ref))
 
     def queued_events(self) -> int:
         return len(self._pending)

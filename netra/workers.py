@@ -28,11 +28,12 @@ What the supervisor does:
   worker shares that one, and a port another process listens on fails at
   once, in one line. Only listening sockets get connections; this one gets
   none.
-- Global caps (:data:`SPLIT_LIMITS`) are split: each worker gets
-  ``ceil(limit / N)``. Per-user limits cannot be enforced across processes
-  without a shared store of counts, so they hold per worker until a
-  cluster store (Redis, a later step) is configured; :func:`limits_line`
-  says so at start-up.
+- Without a cluster, global caps (:data:`SPLIT_LIMITS`) are split: each
+  worker gets ``ceil(limit / N)``. Per-user limits cannot be enforced across
+  processes without a shared store of counts, so they hold per worker;
+  :func:`limits_line` says so at start-up. With ``redis_url`` the workers
+  are nodes of a cluster: every limit but ``max_connections`` (a process's
+  own sockets, still split) holds across all of them through Redis.
 - A worker that dies is started again, at most once per
   :data:`RESTART_INTERVAL_S` per slot; :data:`MAX_QUICK_DEATHS` deaths in a
   row of workers that had not served :data:`SETTLED_S` stop everything with
@@ -87,17 +88,24 @@ def worker_count(setting: str) -> int:
 
 
 def split_limits(config: Config, workers: int) -> dict[str, int]:
-    """Each worker's share of the global caps: ceil(limit / workers)."""
-    return {name: math.ceil(getattr(config, name) / workers) for name in SPLIT_LIMITS}
+    """Each worker's share of the global caps: ceil(limit / workers). In a
+    cluster only the sockets are split; Redis holds the rest whole."""
+    names = ("max_connections",) if config.redis_url else SPLIT_LIMITS
+    return {name: math.ceil(getattr(config, name) / workers) for name in names}
 
 
 def limits_line(config: Config, workers: int) -> str:
     """The one line ``netra serve --workers N`` prints about limits at start-up."""
     shares = ", ".join(f"{name} {share}" for name, share in split_limits(config, workers).items())
+    if config.redis_url:
+        return (
+            f"netra: {workers} workers in a cluster (redis_url): every limit holds across all workers and "
+            f"nodes through Redis; each worker holds at most ceil(max_connections / {workers}) sockets ({shares})"
+        )
     return (
         f"netra: {workers} workers: max_connections and max_runs are split across the workers, each gets "
         f"ceil(limit / {workers}) ({shares}); per-user limits ({', '.join(PER_USER_LIMITS)}) hold per "
-        "worker only, until a cluster store (Redis, a later step) is configured"
+        "worker only; set redis_url to hold them across workers (docs/cluster.md)"
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
 import trio
@@ -125,10 +126,39 @@ async def serve_transport(hub: Hub, transport: Transport, identity: Identity | N
         hub.forget_user_if_idle(user)
         m.connections_closed.labels(str(errors.CLOSE_TOO_MANY)).inc()
         return await close_now(transport, errors.CLOSE_TOO_MANY, "too many connections", c.close_timeout_s)
-    session = Session(hub=hub, transport=transport, identity=identity, user=user)
-    await session.serve()
-    if session.handed_released is not None:  # resumed another session: it reads this transport now
-        await session.handed_released.wait()
+    seat = None
+    if hub.cluster is not None:  # the user's connections on every node
+        seat = await _cluster_seat(hub, transport, identity.user_id)
+        if seat is None:
+            hub.forget_user_if_idle(user)
+            return
+    session = Session(hub=hub, transport=transport, identity=identity, user=user, seat=seat)
+    try:
+        await session.serve()
+        if session.handed_released is not None:  # resumed another session: it reads this transport now
+            await session.handed_released.wait()
+    finally:
+        session.give_up_seat()
+
+
+async def _cluster_seat(hub: Hub, transport: Transport, user_id: str) -> Callable[[], None] | None:
+    """A place among the user's connections across the cluster, as a
+    function that gives it back; None (the connection closed) without one."""
+    c, m = hub.config, hub.metrics
+    assert hub.cluster is not None
+    limiter = hub.cluster.limiter(f"user-conns:{user_id}", c.max_connections_per_user)
+    try:
+        lease = await limiter.acquire_nowait()
+    except trio.WouldBlock:
+        m.connections_closed.labels(str(errors.CLOSE_TOO_MANY)).inc()
+        await close_now(transport, errors.CLOSE_TOO_MANY, "too many connections", c.close_timeout_s)
+        return None
+    except NetraError as exc:  # Redis did not answer: the client comes back with backoff
+        log.warning("no connection place from the cluster: %s", exc.message)
+        m.connections_closed.labels(str(errors.CLOSE_GOING_AWAY)).inc()
+        await close_now(transport, errors.CLOSE_GOING_AWAY, "cluster unavailable, try again", c.close_timeout_s)
+        return None
+    return lambda: limiter.release(lease)
 
 
 async def close_now(transport: Transport, code: int, reason: str, timeout_s: float) -> None:

@@ -1,0 +1,312 @@
+"""A cluster of netra nodes on one Redis and one PostgreSQL.
+
+Each node here is a whole netra server (its own hub, store pool, lease
+keeper and listening socket) in this process; one test kills a real
+``netra serve`` process with SIGKILL. The limits must hold across the nodes
+as on one, a cancel must reach a run wherever it runs, and a dead node's
+capacity and runs must come back by themselves. Leases expire by Redis's
+clock in real time, so these tests run in real time with a short lease TTL,
+each under an absolute ``trio.fail_after``. Skipped, with the reason, when
+no Redis or no PostgreSQL answers (see test_redis_trio.py and _backends.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import psycopg
+import pytest
+import trio
+
+from netra.client import ConnectionClosed, RunRefused, connect
+from netra.hub import Hub
+from netra.server import Server
+from netra.testing import TEST_SECRET, config_for_tests, open_server, token_for
+
+from ._backends import PgDatabase
+from .conftest import settle
+from .test_redis_trio import prefix as prefix, redis_url as redis_url  # fixtures
+
+TEST_TIMEOUT = 30.0
+TTL = 1.0
+SLEEP = '[[tool:sleep {"ms": %d}]]'
+
+
+@pytest.fixture
+def cluster_config(redis_url: str, prefix: str, pg_database: PgDatabase):
+    def make(**overrides):
+        values = dict(
+            database_url=pg_database.url, store_pool_size=4, redis_url=redis_url, redis_prefix=prefix,
+            cluster_lease_ttl_s=TTL,
+        )
+        return config_for_tests(**(values | overrides))
+
+    return make
+
+
+@asynccontextmanager
+async def nodes(make, count: int = 2, **overrides) -> AsyncIterator[list[Server]]:
+    async with trio.open_nursery() as nursery:
+        servers: list[Server] = []
+        stops: list[trio.Event] = []
+        for _ in range(count):
+            ready = trio.Event()
+            stop = trio.Event()
+            stops.append(stop)
+
+            async def one(ready=ready, stop=stop):
+                async with open_server(make(**overrides)) as server:
+                    servers.append(server)
+                    ready.set()
+                    await stop.wait()
+
+            nursery.start_soon(one)
+            await ready.wait()
+        try:
+            yield servers
+        finally:
+            for stop in stops:
+                stop.set()
+
+
+async def events_until(run, kind: str) -> list:
+    seen = []
+    async for event in run:
+        seen.append(event)
+        if event.type == kind:
+            return seen
+    raise AssertionError(f"the run ended before {kind}: {[e.type for e in seen]}")
+
+
+async def test_cluster_mode_refuses_a_store_other_nodes_cannot_share(redis_url, prefix) -> None:
+    for url in ("none", "sqlite:///unused.db"):
+        with pytest.raises(ValueError, match="needs PostgreSQL"):
+            Hub.build(config_for_tests(database_url=url, redis_url=redis_url, redis_prefix=prefix))
+
+
+async def test_runs_per_user_hold_across_nodes(cluster_config) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with nodes(cluster_config, max_runs_per_user=1) as (a, b):
+            async with connect(a.ws_url, token_for(a, "u")) as on_a, connect(b.ws_url, token_for(b, "u")) as on_b:
+                first = on_a.run(SLEEP % 600)
+                await events_until(first, "tool_executing")
+                second = await on_b.collect("hello")
+                kinds = [e.type for e in second]
+                assert kinds[0] == "run_queued"  # waited for the run on the other node
+                assert kinds[-1] == "agent_completed"
+                assert [e.type async for e in first][-1] == "agent_completed"
+                # another user is not held back by u's cap
+                async with connect(b.ws_url, token_for(b, "v")) as other:
+                    third = on_a.run(SLEEP % 600)
+                    await events_until(third, "tool_executing")
+                    assert [e.type for e in await other.collect("hi")][0] == "agent_started"
+                    assert [e.type async for e in third][-1] == "agent_completed"
+
+
+async def test_global_run_capacity_holds_across_nodes(cluster_config) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with nodes(cluster_config, max_runs=1) as (a, b):
+            async with connect(a.ws_url, token_for(a, "u")) as on_a, connect(b.ws_url, token_for(b, "v")) as on_b:
+                first = on_a.run(SLEEP % 600)
+                await events_until(first, "tool_executing")
+                second = await on_b.collect("hello")
+                assert [e.type for e in second][0] == "run_queued"
+                assert second[-1].type == "agent_completed"
+                assert [e.type async for e in first][-1] == "agent_completed"
+
+
+async def test_connections_per_user_hold_across_nodes(cluster_config) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with nodes(cluster_config, max_connections_per_user=1) as (a, b):
+            async with connect(a.ws_url, token_for(a, "u")):
+                with pytest.raises(ConnectionClosed) as closed:
+                    async with connect(b.ws_url, token_for(b, "u")) as conn:
+                        await conn.collect("hello")
+                assert closed.value.code == 4429
+                async with connect(b.ws_url, token_for(b, "v")) as other:  # another user is not affected
+                    assert (await other.collect("hi"))[-1].type == "agent_completed"
+            # the place comes back when the connection closes
+            with trio.fail_after(5):
+                while True:
+                    try:
+                        async with connect(b.ws_url, token_for(b, "u")) as again:
+                            assert (await again.collect("hi"))[-1].type == "agent_completed"
+                            break
+                    except ConnectionClosed:
+                        await trio.sleep(0.05)
+
+
+async def test_a_cancel_on_one_node_reaches_the_run_on_another(cluster_config) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with nodes(cluster_config) as (a, b):
+            async with connect(a.ws_url, token_for(a, "u")) as on_a, connect(b.ws_url, token_for(b, "u")) as on_b:
+                run = on_a.run(SLEEP % 20000)
+                started = await events_until(run, "tool_executing")
+                await on_b.cancel(run_id=started[0].raw["run_id"])
+                rest = [e async for e in run]
+                assert rest[-1].type == "agent_cancelled" and rest[-1].raw["reason"] == "client"
+                # by thread id too
+                run = on_a.run(SLEEP % 20000, thread_id=started[0].raw["thread_id"])
+                await events_until(run, "tool_executing")
+                await on_b.cancel(thread_id=started[0].raw["thread_id"])
+                assert [e async for e in run][-1].raw["reason"] == "client"
+                # nothing there: a clear answer
+                with pytest.raises(RunRefused) as refused:
+                    await on_b.send({"type": "cancel", "run_id": "run_nope", "id": "c1"})
+                    await on_b.collect("x", id="c1")
+                assert refused.value.code == "not_found"
+
+
+async def test_another_users_cancel_never_reaches_a_run(cluster_config) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with nodes(cluster_config) as (a, b):
+            async with connect(a.ws_url, token_for(a, "u")) as on_a, connect(b.ws_url, token_for(b, "v")) as on_b:
+                run = on_a.run(SLEEP % 500)
+                started = await events_until(run, "tool_executing")
+                with pytest.raises(RunRefused) as refused:
+                    await on_b.send({"type": "cancel", "run_id": started[0].raw["run_id"], "id": "c1"})
+                    await on_b.collect("x", id="c1")
+                assert refused.value.code == "not_found"
+                assert [e async for e in run][-1].type == "agent_completed"
+
+
+async def test_a_thread_runs_one_at_a_time_across_nodes(cluster_config) -> None:
+    """interrupt cancels the thread's run on the other node; reject refuses
+    while it runs; enqueue waits for it."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with nodes(cluster_config) as (a, b):
+            async with connect(a.ws_url, token_for(a, "u")) as on_a, connect(b.ws_url, token_for(b, "u")) as on_b:
+                run = on_a.run(SLEEP % 20000)
+                thread = (await events_until(run, "tool_executing"))[0].raw["thread_id"]
+                with pytest.raises(RunRefused) as refused:
+                    await on_b.collect("hi", thread_id=thread, multitask="reject")
+                assert refused.value.code == "run_in_progress"
+                interrupting = await on_b.collect("hi", thread_id=thread, multitask="interrupt")
+                assert interrupting[-1].type == "agent_completed"
+                rest = [e async for e in run]
+                assert rest[-1].type == "agent_cancelled" and rest[-1].raw["reason"] == "interrupted"
+                first = on_a.run(SLEEP % 500, thread_id=thread)
+                await events_until(first, "tool_executing")
+                waited = await on_b.collect("after", thread_id=thread)
+                assert waited[0].type == "run_queued" and waited[-1].type == "agent_completed"
+                assert [e async for e in first][-1].type == "agent_completed"
+
+
+async def test_metrics_show_the_node_and_the_cluster(cluster_config) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with nodes(cluster_config) as (a, b):
+            async with connect(b.ws_url, token_for(b, "u")), httpx.AsyncClient() as http:
+                # each node adds up the others' counts at its heartbeat (every TTL / 3)
+                with trio.fail_after(TTL * 3):
+                    while True:
+                        text = (await http.get(a.http_url + "/metrics")).text
+                        values = {
+                            line.split()[0]: float(line.split()[1])
+                            for line in text.splitlines() if line and not line.startswith("#")
+                        }
+                        if values['netra_cluster{kind="connections"}'] == 1:
+                            break
+                        await trio.sleep(0.05)
+            assert values['netra_cluster{kind="nodes"}'] == 2
+            assert values["netra_connections_open"] == 0  # node a's own
+
+
+@asynccontextmanager
+async def serve_process(config_env: dict[str, str]) -> AsyncIterator[tuple[subprocess.Popen, str]]:
+    """``netra serve`` in a process of its own; its URL once it listens."""
+    env = {**os.environ, **config_env}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "netra", "serve", "--port", "0"], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        url = None
+        while url is None:
+            line = await trio.to_thread.run_sync(proc.stdout.readline)
+            if not line:
+                raise AssertionError("netra serve ended before it listened")
+            found = re.search(r"listening on (http://[0-9.]+:[0-9]+)", line)
+            if found:
+                url = found.group(1)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+async def test_a_node_killed_mid_run_gives_back_its_capacity_and_its_runs_are_node_lost(
+    cluster_config, redis_url, prefix, pg_database
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT * 2):
+        env = {
+            "NETRA_DATABASE_URL": pg_database.url, "NETRA_REDIS_URL": redis_url, "NETRA_REDIS_PREFIX": prefix,
+            "NETRA_CLUSTER_LEASE_TTL_S": str(TTL), "NETRA_JWT_SECRET": TEST_SECRET,
+            "NETRA_CHAOS_TOOLS": "true", "NETRA_MAX_RUNS_PER_USER": "1", "NETRA_MAX_RUNS": "2",
+        }
+        async with nodes(cluster_config, 1, max_runs_per_user=1, max_runs=2) as (a,):
+            async with serve_process(env) as (proc, url):
+                ws_url = url.replace("http://", "ws://") + "/ws"
+                async with connect(a.ws_url, token_for(a, "healthy")) as healthy:
+                    doomed_run_id = None
+                    async with trio.open_nursery() as nursery:
+                        async def doomed() -> None:
+                            nonlocal doomed_run_id
+                            with pytest.raises(ConnectionClosed):
+                                async with connect(ws_url, token_for(a, "u"), resume=False) as conn:
+                                    run = conn.run(SLEEP % 20000)
+                                    started = await events_until(run, "tool_executing")
+                                    doomed_run_id = started[0].raw["run_id"]
+                                    os.kill(proc.pid, signal.SIGKILL)
+                                    async for _ in run:
+                                        pass
+                        nursery.start_soon(doomed)
+                        # the healthy user on the other node runs on, untouched
+                        for _ in range(3):
+                            events = await healthy.collect("still here")
+                            assert events[-1].type == "agent_completed"
+                    assert doomed_run_id is not None
+                    # u's place and a global place come back within the lease TTL:
+                    # u runs again, on the surviving node, without waiting for ever
+                    async with connect(a.ws_url, token_for(a, "u")) as again:
+                        events = await again.collect("back")
+                        assert events[-1].type == "agent_completed"
+                    # the dead node's run is recorded failed, cause node_lost
+                    with trio.fail_after(TTL * 4 + 5):
+                        while True:
+                            row = await trio.to_thread.run_sync(_run_row, pg_database.url, doomed_run_id)
+                            if row and row[0] != "running":
+                                break
+                            await trio.sleep(0.1)
+                    assert row == ("failed", "node_lost")
+                    assert a.hub.snapshot()["runs_borrowed"] == 0
+                await settle(a.hub)
+
+
+def _run_row(url: str, run_id: str) -> tuple[str, str | None] | None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT status, error_code FROM runs WHERE id = %s", (run_id,)).fetchone()
+    return tuple(row) if row else None
+
+
+async def test_netra_serve_says_in_one_line_when_the_clusters_redis_does_not_answer(pg_database) -> None:
+    env = {
+        **os.environ, "NETRA_DATABASE_URL": pg_database.url, "NETRA_REDIS_URL": "redis://127.0.0.1:1/0",
+        "NETRA_JWT_SECRET": TEST_SECRET,
+    }
+    with trio.fail_after(TEST_TIMEOUT):
+        done = await trio.run_process(
+            [sys.executable, "-m", "netra", "serve", "--port", "0"], env=env, capture_stdout=True,
+            capture_stderr=True, check=False,
+        )
+    err = done.stderr.decode()
+    assert done.returncode == 2
+    assert "netra: cannot start: the cluster store (Redis) did not answer" in err
+    assert "Traceback" not in err

@@ -94,6 +94,22 @@ class Hub:
         cluster.on_control = self.apply_control
         cluster.counts = self.node_counts
         cluster.sweep = self.store.close_orphaned_runs
+        cluster.on_resume = self.resume_over_link
+        cluster.ids_prefix = self.ids.prefix
+
+    def resume_over_link(self, request: dict[str, Any]) -> None:
+        """A resume that arrived on another node, of a session of this one:
+        the session goes on over a link to that node (see cluster/link.py)."""
+        from .auth import Identity
+        from .cluster.link import LinkTransport
+        from .session import find_resumable
+
+        user_id = str(request["user_id"])
+        target = find_resumable(self, str(request["session_id"]), user_id, str(request["resume_token"]))
+        assert self.cluster is not None
+        transport = LinkTransport(self.cluster, str(request["link"]), write_timeout_s=self.config.write_timeout_s)
+        identity = Identity(user_id=user_id, expires_at=float(request["expires_at"]))
+        target.resume_here(transport, int(request["last_seq"]), trio.Event(), identity)
 
     def apply_control(self, message: dict[str, Any]) -> None:
         """A control message another node sent this one: a cancel of runs

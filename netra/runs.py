@@ -79,6 +79,16 @@ class Ids:
         self._n += 1
         return f"{kind}_{self._prefix}{self._n:08x}"
 
+    @property
+    def prefix(self) -> str:
+        """This process's part of every id it makes (a cluster maps it to the node)."""
+        return self._prefix
+
+    @staticmethod
+    def prefix_of(made: str) -> str:
+        """The prefix of the process that made the id ``made``."""
+        return made.partition("_")[2][:12]
+
 
 class EventSink(Protocol):
     """Where a run table's events go: the session's connection."""

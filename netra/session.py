@@ -54,7 +54,8 @@ from .protocol import (
     error_event,
     parse_client_message,
 )
-from .runs import RunTable
+from .cluster import link
+from .runs import Ids, RunTable
 from .transport import Transport
 from .transport.frames import CLOSE_ABNORMAL
 
@@ -105,6 +106,9 @@ class Session:
     #: what tells this connection when that session is done with it.
     handed_to: Session | None = None
     handed_released: trio.Event | None = None
+    #: In a cluster: the link (id, and the owner's answer's entry id) over
+    #: which this connection carries a session resumed on another node.
+    handed_link: tuple[str, str] | None = None
     #: Gives back this connection's place among its user's connections
     #: across a cluster (None outside one): when the session ends, or when
     #: its connection drops and it waits for a resume.
@@ -158,7 +162,7 @@ class Session:
             m.connections_open.dec()
             t = self.transport
             code = next((c for c in (self.close_code, t.local_close_code, t.peer_close_code) if c is not None), None)
-            label = "resumed" if self.handed_to is not None else str(code) if code is not None else "unknown"
+            label = "resumed" if self.handed_off else str(code) if code is not None else "unknown"
             m.connections_closed.labels(label).inc()
             log.info("connection closed", extra={**ids, "code": label, "lost": self.transport.lost})
 
@@ -330,11 +334,11 @@ class Session:
                         pass
             finally:
                 self._received_all.set()
-            if self.handed_to is not None or self.closing or not await self._await_resume(transport):
+            if self.handed_off or self.closing or not await self._await_resume(transport):
                 break
-        if not self.closing and self.handed_to is None:  # the peer closed, or went away
+        if not self.closing and not self.handed_off:  # the peer closed, or went away
             self.close(None, cause="disconnect")
-        if self.handed_to is not None:
+        if self.handed_off:
             return  # this connection's transport now carries another session
         await trio.sleep_forever()  # the close sequence cancels the nursery
 
@@ -419,16 +423,9 @@ class Session:
         session named, when that is one of this user's, the token is its
         own and nothing has happened here yet. Anything else is refused and
         changes nothing."""
-        target = self.hub.resumable.get(msg.session_id)
-        if (
-            target is None
-            or target is self
-            or target.closing
-            or target.identity.user_id != self.identity.user_id
-            or target.resume_token is None
-            or not hmac.compare_digest(target.resume_token, msg.resume_token)
-        ):
-            raise errors.NotFound("no session to resume with that id and token (gone, or its window ran out)")
+        target = find_resumable(self.hub, msg.session_id, self.identity.user_id, msg.resume_token)
+        if target is self:
+            raise errors.NotFound(_NO_SESSION)
         if self.runs.runs:
             raise errors.BadRequest("resume before sending anything else on a connection")
         self.flush()  # this connection's own connected event goes first
@@ -465,6 +462,10 @@ class Session:
                     ))
                 continue
             try:
+                if isinstance(message, Resume) and self._resumes_elsewhere(message):
+                    if await self._resume_remote(message):
+                        return
+                    continue
                 self._dispatch(message)
             except NetraError as exc:
                 self.send(error_event(exc, ref=getattr(message, "id", None)))
@@ -489,6 +490,43 @@ class Session:
                 self.identity = identity
                 self._watch_expiry()
 
+    @property
+    def handed_off(self) -> bool:
+        """This connection's transport carries another session now (here, or on another node)."""
+        return self.handed_to is not None or self.handed_link is not None
+
+    def _resumes_elsewhere(self, msg: Resume) -> bool:
+        cluster = self.hub.cluster
+        return (
+            cluster is not None
+            and msg.session_id not in self.hub.resumable
+            and Ids.prefix_of(msg.session_id) != self.hub.ids.prefix
+        )
+
+    async def _resume_remote(self, msg: Resume) -> bool:
+        """A resume of a session of another node: ask that node to carry it
+        over a link, and relay this connection there (True), or refuse as
+        for a session here (NotFound)."""
+        cluster = self.hub.cluster
+        assert cluster is not None
+        if self.runs.runs:
+            raise errors.BadRequest("resume before sending anything else on a connection")
+        owner = await cluster.owner_of(msg.session_id)
+        if owner is None or owner == cluster.node_id:
+            raise errors.NotFound(_NO_SESSION)
+        link_id = self.hub.ids.new("lnk")
+        self.flush()  # this connection's own connected event goes first
+        why, after = await link.request(cluster, owner, link_id, {
+            "op": "resume", "link": link_id, "session_id": msg.session_id, "resume_token": msg.resume_token,
+            "last_seq": msg.last_seq, "user_id": self.identity.user_id, "expires_at": self.identity.expires_at,
+        })
+        if why is not None:
+            log.info("resume on another node refused: %s", why, extra={"connection_id": self.connection_id})
+            raise errors.NotFound(_NO_SESSION)
+        self.handed_link = (link_id, after)
+        self.hub.metrics.sessions_resumed.labels("relayed").inc()
+        return True
+
     def give_up_seat(self) -> None:
         seat, self.seat = self.seat, None
         if seat is not None:
@@ -509,3 +547,22 @@ class Session:
 
     def queued_events(self) -> int:
         return len(self._pending)
+
+
+_NO_SESSION = "no session to resume with that id and token (gone, or its window ran out)"
+
+
+def find_resumable(hub: Hub, session_id: str, user_id: str, resume_token: str) -> Session:
+    """The session ``session_id`` of ``user_id`` on this node that
+    ``resume_token`` may take over; NotFound, saying nothing more, for any
+    other (gone, another user's, a wrong token, closing)."""
+    target = hub.resumable.get(session_id)
+    if (
+        target is None
+        or target.closing
+        or target.identity.user_id != user_id
+        or target.resume_token is None
+        or not hmac.compare_digest(target.resume_token, resume_token)
+    ):
+        raise errors.NotFound(_NO_SESSION)
+    return target

@@ -29,9 +29,11 @@ from netra.client import ConnectionClosed, RunRefused, connect
 from netra.hub import Hub
 from netra.server import Server
 from netra.testing import TEST_SECRET, config_for_tests, open_server, token_for
+from netra.tools import tool
 
-from ._backends import PgDatabase
+from ._backends import PgDatabase, uid
 from .conftest import settle
+from .rawws import open_raw
 from .test_redis_trio import prefix as prefix, redis_url as redis_url  # fixtures
 
 TEST_TIMEOUT = 30.0
@@ -52,7 +54,7 @@ def cluster_config(redis_url: str, prefix: str, pg_database: PgDatabase):
 
 
 @asynccontextmanager
-async def nodes(make, count: int = 2, **overrides) -> AsyncIterator[list[Server]]:
+async def nodes(make, count: int = 2, *, extra_tools=(), **overrides) -> AsyncIterator[list[Server]]:
     async with trio.open_nursery() as nursery:
         servers: list[Server] = []
         stops: list[trio.Event] = []
@@ -62,7 +64,7 @@ async def nodes(make, count: int = 2, **overrides) -> AsyncIterator[list[Server]
             stops.append(stop)
 
             async def one(ready=ready, stop=stop):
-                async with open_server(make(**overrides)) as server:
+                async with open_server(make(**overrides), extra_tools=list(extra_tools)) as server:
                     servers.append(server)
                     ready.set()
                     await stop.wait()
@@ -120,6 +122,51 @@ async def test_global_run_capacity_holds_across_nodes(cluster_config) -> None:
                 assert [e.type for e in second][0] == "run_queued"
                 assert second[-1].type == "agent_completed"
                 assert [e.type async for e in first][-1] == "agent_completed"
+
+
+async def test_a_tools_concurrency_holds_across_nodes(cluster_config) -> None:
+    calls = {"now": 0, "most": 0, "done": 0}
+
+    @tool(concurrency=1)
+    async def one_at_a_time(ms: int) -> str:
+        """Holds the one place of its tool for a while."""
+        calls["now"] += 1
+        calls["most"] = max(calls["most"], calls["now"])
+        await trio.sleep(ms / 1000)
+        calls["now"] -= 1
+        calls["done"] += 1
+        return "done"
+
+    text = '[[tool:one_at_a_time {"ms": 200}]]'
+    with trio.fail_after(TEST_TIMEOUT):
+        async with nodes(cluster_config, extra_tools=[one_at_a_time]) as (a, b):
+            async with connect(a.ws_url, token_for(a, "u")) as on_a, connect(b.ws_url, token_for(b, "v")) as on_b:
+                async with trio.open_nursery() as nursery:
+                    for conn in (on_a, on_b, on_a, on_b):
+                        nursery.start_soon(conn.collect, text)
+    assert calls == {"now": 0, "most": 1, "done": 4}
+
+
+async def test_model_calls_hold_across_nodes(cluster_config) -> None:
+    """max_model_calls is the cluster's: a model turn on one node waits
+    for the one streaming on the other."""
+    text = "[[stream:10]] a story"
+    with trio.fail_after(TEST_TIMEOUT):
+        async with nodes(cluster_config, max_model_calls=1, scripted_delay_ms=30) as (a, b):
+            async with connect(a.ws_url, token_for(a, "u")) as on_a, connect(b.ws_url, token_for(b, "v")) as on_b:
+                spans: dict[str, list[float]] = {}
+
+                async def timed(name: str, conn) -> None:
+                    async for event in conn.run(text):
+                        if event.type == "text_delta":
+                            spans.setdefault(name, []).append(trio.current_time())
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(timed, "a", on_a)
+                    nursery.start_soon(timed, "b", on_b)
+    first, second = sorted(spans.values())
+    assert len(first) == len(second) == 10
+    assert second[0] > first[-1]  # the turns did not overlap
 
 
 async def test_connections_per_user_hold_across_nodes(cluster_config) -> None:
@@ -310,3 +357,116 @@ async def test_netra_serve_says_in_one_line_when_the_clusters_redis_does_not_ans
     assert done.returncode == 2
     assert "netra: cannot start: the cluster store (Redis) did not answer" in err
     assert "Traceback" not in err
+
+
+# -- sessions resumed on another node ------------------------------------------------
+
+
+def resume_frame(connected: dict, last_seq: int, **changes) -> dict:
+    return {"type": "resume", "session_id": connected["session_id"],
+            "resume_token": connected["resume_token"], "last_seq": last_seq, **changes}
+
+
+async def read_until(raw, kind: str) -> list[dict]:
+    events = []
+    while not events or events[-1]["type"] != kind:
+        events.append(await raw.read_event())
+    return events
+
+
+async def test_a_session_dropped_on_one_node_resumes_on_another_with_nothing_lost(cluster_config) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        ann = uid("ann")
+        async with nodes(cluster_config, resume_window_s=30.0, scripted_delay_ms=20) as (a, b):
+            first = await open_raw(a.ws_url, token_for(a, ann))
+            connected = await first.read_event()
+            await first.send_json({"type": "user_message", "text": "[[stream:60]] a story", "id": "s1"})
+            seen = []
+            while sum(e["type"] == "text_delta" for e in seen) < 5:
+                seen.append(await first.read_event())
+            first.reset()  # the network goes away: no close frame
+            second = await open_raw(b.ws_url, token_for(b, ann))
+            assert (await second.read_event())["type"] == "connected"
+            await second.send_json(resume_frame(connected, last_seq=seen[-1]["seq"]))
+            resumed = await second.read_event()
+            assert resumed["type"] == "resumed", resumed
+            assert resumed["seq"] == seen[-1]["seq"] and resumed["session_id"] == connected["session_id"]
+            rest = await read_until(second, "agent_completed")
+            events = seen + rest
+            seqs = [e["seq"] for e in events]
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # no gap, no repeat
+            assert "".join(e["delta"] for e in events if e["type"] == "text_delta") == events[-1]["text"]
+            # the session goes on over the relay: a new message, and a cancel
+            await second.send_json({"type": "user_message", "text": SLEEP % 20000, "id": "s2"})
+            executing = await read_until(second, "tool_executing")
+            await second.send_json({"type": "cancel", "run_id": executing[-1]["run_id"]})
+            ended = await read_until(second, "agent_cancelled")
+            assert ended[-1]["reason"] == "client"
+            seqs = [e["seq"] for e in [*rest, *executing, *ended]]
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+            await second.send_frame(0x8, (1000).to_bytes(2, "big"))  # a close: the session ends
+            with trio.fail_after(5):
+                while a.hub.sessions or b.hub.sessions:
+                    await trio.sleep(0.02)
+            assert a.hub.metrics.sessions_resumed.labels("resumed")._value.get() == 1
+            assert b.hub.metrics.sessions_resumed.labels("relayed")._value.get() == 1
+
+
+async def test_a_relayed_session_dropped_again_resumes_on_its_own_node(cluster_config) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        ann = uid("ann")
+        async with nodes(cluster_config, resume_window_s=30.0, scripted_delay_ms=20) as (a, b):
+            first = await open_raw(a.ws_url, token_for(a, ann))
+            connected = await first.read_event()
+            await first.send_json({"type": "user_message", "text": "[[stream:80]] a story", "id": "s1"})
+            seen = [await first.read_event() for _ in range(4)]
+            first.reset()
+            second = await open_raw(b.ws_url, token_for(b, ann))
+            await second.read_event()
+            await second.send_json(resume_frame(connected, last_seq=seen[-1]["seq"]))
+            more = [await second.read_event() for _ in range(6)]
+            assert more[0]["type"] == "resumed"
+            second.reset()  # dropped again, on the relay
+            third = await open_raw(a.ws_url, token_for(a, ann))
+            await third.read_event()
+            with trio.fail_after(5):  # the owner learns of the drop from the relay's "end"
+                while True:
+                    await third.send_json(resume_frame(connected, last_seq=more[-1]["seq"], id="r"))
+                    answer = await third.read_event()
+                    if answer["type"] == "resumed":
+                        break
+                    assert answer["type"] == "error" and answer["code"] == "not_found"
+                    await trio.sleep(0.05)
+            rest = await read_until(third, "agent_completed")
+            events = [*seen, *more[1:], *rest]
+            seqs = [e["seq"] for e in events]
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+async def test_a_resume_on_another_node_is_refused_for_another_user_or_a_wrong_token(cluster_config) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        ann = uid("ann")
+        async with nodes(cluster_config, resume_window_s=30.0, scripted_delay_ms=20) as (a, b):
+            first = await open_raw(a.ws_url, token_for(a, ann))
+            connected = await first.read_event()
+            await first.send_json({"type": "user_message", "text": "[[stream:40]] a story", "id": "s1"})
+            seen = [await first.read_event() for _ in range(3)]
+            first.reset()
+            for n, (user, changes) in enumerate(((uid("bob"), {}), (ann, {"resume_token": "wrong"}),
+                                  (ann, {"session_id": "ses_000000000000ffffffff"}))):
+                other = await open_raw(b.ws_url, token_for(b, user))
+                await other.read_event()
+                await other.send_json(resume_frame(connected, last_seq=seen[-1]["seq"], id="r", **changes))
+                refused = await other.read_event()
+                assert refused["type"] == "error" and refused["code"] == "not_found", refused
+                assert refused["ref"] == "r"
+                # nothing changed: the connection works as any other
+                await other.send_json({"type": "user_message", "text": "hi", "id": f"h{n}"})
+                assert (await read_until(other, "agent_completed"))[-1]["type"] == "agent_completed"
+                other.reset()
+            # and the session is still there for its own user
+            own = await open_raw(b.ws_url, token_for(b, ann))
+            await own.read_event()
+            await own.send_json(resume_frame(connected, last_seq=seen[-1]["seq"]))
+            assert (await own.read_event())["type"] == "resumed"
+            assert (await read_until(own, "agent_completed"))[-1]["type"] == "agent_completed"

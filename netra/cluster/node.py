@@ -37,9 +37,11 @@ import coredis
 import trio
 
 from .. import _json
-from ..errors import StoreError
+from ..errors import NetraError, NotFound, StoreError
+from ..runs import Ids
 from ._redis import as_text, redis_client
 from .leases import Lease, LeaseKeeper, SharedCapacityLimiter
+from .link import link_keys
 
 log = logging.getLogger("netra.cluster")
 
@@ -133,12 +135,18 @@ class ClusterNode:
     counts: Callable[[], NodeCounts] = NodeCounts
     #: Records runs of dead nodes as node_lost (the store's; set by the hub).
     sweep: Callable[[], Awaitable[int]] | None = None
+    #: Resumes a session of this node over a link, from a resume request
+    #: another node sent (set by the hub; raises NotFound to refuse).
+    on_resume: Callable[[dict[str, Any]], None] | None = None
+    #: The prefix of the ids this node makes (sessions: a resume elsewhere finds the node by it).
+    ids_prefix: str = ""
     #: The cluster's counts as of the last heartbeat (for /metrics).
     cluster: NodeCounts = attrs.field(factory=NodeCounts, init=False)
     _limiters: dict[str, SharedCapacityLimiter] = attrs.field(factory=dict, init=False)
     _forget: list[tuple[str, str]] = attrs.field(factory=list, init=False)
     _forget_wakeup: trio.Event = attrs.field(factory=trio.Event, init=False)
     _register_script: Any = attrs.field(init=False)
+    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._register_script = self.redis.register_script(_REGISTER)
@@ -274,6 +282,7 @@ class ClusterNode:
             async with self.redis:
                 with work:
                     async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
                         await nursery.start(self.keeper.run)
                         await nursery.start(self._listen)
                         await self._heartbeat_once()
@@ -309,8 +318,37 @@ class ClusterNode:
         except ValueError:
             log.warning("a control message that is not JSON was ignored")
             return
-        if isinstance(decoded, dict):
-            self.on_control(decoded)
+        if not isinstance(decoded, dict):
+            return
+        if decoded.get("op") == "resume":
+            if self._nursery is not None:
+                self._nursery.start_soon(self._answer_resume, decoded)
+            return
+        self.on_control(decoded)
+
+    async def _answer_resume(self, request: dict[str, Any]) -> None:
+        """Another node's client resumes a session of this node: carry it
+        over the link named in the request, or say no on it."""
+        try:
+            if self.on_resume is None:
+                raise NotFound("no sessions here")
+            self.on_resume(request)  # the link's transport answers "ok" itself
+        except (NetraError, KeyError, TypeError, ValueError) as exc:
+            out_key, _ = link_keys(self, str(request.get("link")))
+            why = exc.message if isinstance(exc, NetraError) else "a malformed request"
+            try:
+                await self._call(lambda: self.redis.xadd(out_key, {"refused": why}))
+                await self._call(lambda: self.redis.expire(out_key, 60))
+            except StoreError as failure:
+                log.warning("could not refuse a resume: %r", failure)
+
+    async def owner_of(self, made: str) -> str | None:
+        """The live node that made the id ``made`` (a session id), if any."""
+        prefix = Ids.prefix_of(made)
+        if not prefix:
+            return None
+        owner = await self._call(lambda: self.redis.get(f"{self.prefix}ids:{prefix}"))
+        return as_text(owner) if owner is not None else None
 
     async def _heartbeat_once(self) -> None:
         """Refresh this node's key with its counts, and add up everyone's."""
@@ -319,6 +357,8 @@ class ClusterNode:
         now_ms = int(time.time() * 1000)
         nodes_key = f"{self.prefix}nodes"
         await self._call(lambda: self.redis.set(self._node_key(self.node_id), value, px=ttl_ms))
+        if self.ids_prefix:
+            await self._call(lambda: self.redis.set(f"{self.prefix}ids:{self.ids_prefix}", self.node_id, px=ttl_ms))
         # the index of nodes; a node is alive while its own key is there
         await self._call(lambda: self.redis.zadd(nodes_key, {self.node_id: now_ms}))
         await self._call(lambda: self.redis.zremrangebyscore(nodes_key, "-inf", now_ms - _FORGET_NODES_MS))

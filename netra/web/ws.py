@@ -16,6 +16,7 @@ import trio
 
 from .. import errors
 from ..auth import Identity, bearer_token
+from ..cluster import link
 from ..errors import BadRequest, Busy, Forbidden, NetraError, Unauthorized
 from ..hub import Hub
 from ..protocol import SUBPROTOCOL, Auth, parse_client_message
@@ -137,6 +138,9 @@ async def serve_transport(hub: Hub, transport: Transport, identity: Identity | N
         await session.serve()
         if session.handed_released is not None:  # resumed another session: it reads this transport now
             await session.handed_released.wait()
+        elif session.handed_link is not None:  # resumed a session of another node: relay to it
+            assert hub.cluster is not None
+            await link.relay(hub.cluster, transport, *session.handed_link)
     finally:
         session.give_up_seat()
 

@@ -18,8 +18,8 @@ import sys
 import pytest
 import trio
 
-from netra.client._markdown import MIN_INTERVAL_S, LiveMarkdown, strip_controls
-from netra.client.terminal import FANCY, Chat, Output
+from netra.client._markdown import MIN_INTERVAL_S, LiveMarkdown
+from netra.client.terminal import FANCY, Chat, Output, strip_controls
 from netra.testing import config_for_tests, open_server, token_for
 from netra.tools import tool
 
@@ -174,6 +174,16 @@ def test_control_characters_never_reach_the_terminal():
     assert "\x1b[2J" not in written
     assert strip_controls("a\tb\nc\x1bd\x7f") == "a\tb\ncd"
     assert "safe" in "\n".join(terminal.lines()) and "end" in "\n".join(terminal.lines())
+
+
+def test_plain_answers_on_a_terminal_lose_their_control_characters_but_not_in_a_pipe(monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    text = "a \x1b]0;pwned\x07b\r\n"
+    for stream, expected in ((FakeTty(), "a ]0;pwnedb\n"), (io.StringIO(), text)):
+        out = Output.for_stream(stream)
+        assert not out.markdown
+        out.chunk(text)
+        assert stream.getvalue() == expected
 
 
 class FakeTty(io.StringIO):

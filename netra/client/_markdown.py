@@ -17,8 +17,9 @@ keeps its earlier column widths); the last screenful is always exact. When
 the answer ends it is drawn once more, complete, and left on screen.
 
 Control characters in an answer (escape sequences, carriage returns, bells)
-are removed before rendering: they could move the cursor under the region,
-and a model has no business setting the terminal's title or clipboard.
+are removed before rendering (as ``Output`` does for plain answers on a
+terminal): they could move the cursor under the region, and a model has no
+business setting the terminal's title or clipboard.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import attrs
 from rich.console import Console
 from rich.markdown import Markdown
 
+from .terminal import strip_controls
+
 #: Shortest and longest wait between two redraws of a streaming answer.
 MIN_INTERVAL_S = 0.05
 MAX_INTERVAL_S = 1.0
@@ -41,12 +44,6 @@ MAX_INTERVAL_S = 1.0
 RENDER_SHARE = 5
 
 _SYNC_ON, _SYNC_OFF = "\033[?2026h", "\033[?2026l"  # ignored by terminals without it
-_CONTROLS = {c: None for c in (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)) if chr(c) not in "\n\t"}
-
-
-def strip_controls(text: str) -> str:
-    """The text without control characters, except newline and tab."""
-    return text.translate(_CONTROLS)
 
 
 @attrs.define(eq=False)

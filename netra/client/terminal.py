@@ -324,6 +324,16 @@ class Symbols:
     dots: str
 
 
+_CONTROLS = {c: None for c in (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)) if chr(c) not in "\n\t"}
+
+
+def strip_controls(text: str) -> str:
+    """The text without control characters, except newline and tab: what a
+    model writes must not drive the terminal (move the cursor, set the
+    window title, write the clipboard)."""
+    return text.translate(_CONTROLS)
+
+
 FANCY = Symbols(gear="⚙", arrow="→", cross="✗", dots="…")
 PLAIN = Symbols(gear="*", arrow="->", cross="x", dots="...")
 STYLES = types.MappingProxyType({"dim": "\033[2m", "red": "\033[31m", "yellow": "\033[33m"})
@@ -404,7 +414,7 @@ class Output:
 
     def chunk(self, text: str) -> None:
         if not self.markdown:
-            self._write(text)
+            self._write(strip_controls(text) if self.tty else text)  # a pipe gets the answer as written
             return
         if self.live is None:  # the answer goes on after a progress line
             from ._markdown import LiveMarkdown

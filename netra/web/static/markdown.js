@@ -2,7 +2,7 @@
 // links made safe to follow and code blocks given a copy button. (A user's
 // own text never comes here: it stays plain text.)
 //
-// Safety comes in layers, each enough on its own for scripts:
+// Safety comes in layers, so that no single mistake lets a script through:
 // 1. raw HTML in an answer is shown as text, except a few inline tags with
 //    no attributes (<br>, <b>, <kbd>, <sub>…) that models put in tables;
 // 2. the HTML marked makes goes through DOMPurify with an allow-list of tags
@@ -14,12 +14,13 @@
 // And the page's Content-Security-Policy runs no inline script regardless.
 //
 // While an answer streams, the text so far is rendered again at most once per
-// animation frame. marked's lexer splits it into top-level blocks; a block
-// whose source did not change keeps its DOM nodes, so only the tail of the
-// answer is rebuilt. Nothing flickers, the blocks above keep a selection, the
-// horizontal scroll of a wide code block, and a working copy button. An
-// unclosed ``` fence is a code block to the end of the text (as CommonMark
-// says), so code streams in as code.
+// animation frame (less often when a render takes over 4 ms: rendering takes
+// at most a fifth of the time). marked's lexer splits the text into top-level
+// blocks; a block that renders as before keeps its DOM nodes, so only the
+// tail of the answer is rebuilt. Nothing flickers, and the blocks above keep
+// a selection, the horizontal scroll of a wide code block, and a working copy
+// button. An unclosed ``` fence is a code block to the end of the text (as
+// CommonMark says), so code streams in as code.
 
 import { Marked } from "./vendor/marked.esm.js";
 import "./vendor/purify.min.js"; // a UMD build: it defines globalThis.DOMPurify
@@ -158,8 +159,9 @@ export class MarkdownView {
   constructor(node) {
     this.node = node;
     this.text = "";
-    this.blocks = []; // [{source, html, nodes}] in order, one per top-level block on screen
+    this.groups = []; // [{count, source, html, nodes}]: runs of top-level blocks on screen, in order
     this.frame = 0;
+    this.nextAt = 0; // no render before this time (a rAF timestamp)
     node.classList.add("markdown");
     node.addEventListener("click", (event) => {
       const button = event.target.closest("button.copy");
@@ -168,21 +170,30 @@ export class MarkdownView {
   }
 
   append(delta) {
-    this.text += delta;
-    if (!this.frame) {
-      this.frame = requestAnimationFrame(() => {
-        this.frame = 0;
-        this.render();
-      });
-    }
+    this.text += delta ?? "";
+    if (!this.frame) this.frame = requestAnimationFrame(this.onFrame);
   }
+
+  // A long answer takes longer to render: then frames are skipped, so that
+  // rendering takes at most a fifth of the time and the page stays responsive.
+  onFrame = (now) => {
+    this.frame = 0;
+    if (now < this.nextAt) {
+      this.frame = requestAnimationFrame(this.onFrame);
+      return;
+    }
+    const started = performance.now();
+    this.render();
+    const took = performance.now() - started;
+    this.nextAt = took > 4 ? started + 5 * took : 0;
+  };
 
   // The whole text (a completed answer, one read back): rendered at once.
   set(text) {
-    this.text = text;
+    this.text = text ?? "";
     cancelAnimationFrame(this.frame);
     this.frame = 0;
-    this.render();
+    this.render({ final: true });
   }
 
   // Render now what is waiting for the next frame, if anything.
@@ -190,35 +201,47 @@ export class MarkdownView {
     if (this.frame) this.set(this.text);
   }
 
-  render() {
+  // `final`: the text will not grow (a completed answer, one read back).
+  render({ final = false } = {}) {
     const tokens = marked.lexer(this.text);
     // a reference definition that arrives later changes the blocks that use it
     const links = JSON.stringify(tokens.links || {});
     const blocks = tokens.filter((t) => t.type !== "space" && t.type !== "def");
-    let same = 0;
-    let html = null; // of blocks[same], when it had to be rendered to compare
-    for (; same < blocks.length && same < this.blocks.length; same++) {
-      const kept = this.blocks[same];
-      const source = sourceKey(blocks[same], links);
-      if (kept.source === source) continue;
-      // a different source may still render the same (a newline after a
-      // closing fence, a fence that closes): then the block stays as it is
-      html = marked.parser([blocks[same]]);
-      if (html !== kept.html) break;
-      kept.source = source;
-      html = null;
+    // Keep the groups on screen that render as before. A group whose source
+    // changed may still render the same (a newline after a closing fence, a
+    // fence that closes): then it stays as it is.
+    let kept = 0;
+    let done = 0; // blocks covered by the groups kept
+    for (; kept < this.groups.length; kept++) {
+      const group = this.groups[kept];
+      const run = blocks.slice(done, done + group.count);
+      if (run.length < group.count) break;
+      const source = sourceOf(run, links);
+      if (source !== group.source) {
+        if (htmlOf(run) !== group.html) break;
+        group.source = source;
+      }
+      done += group.count;
     }
-    for (const old of this.blocks.splice(same)) for (const n of old.nodes) n.remove();
-    for (const token of blocks.slice(same)) {
-      html ??= marked.parser([token]);
+    for (const old of this.groups.splice(kept)) for (const n of old.nodes) n.remove();
+    // The new blocks: sanitized in one go (DOMPurify costs mostly per call),
+    // except the last one while streaming, which the next frame may change.
+    const fresh = blocks.slice(done);
+    const runs = final || fresh.length < 2 ? [fresh] : [fresh.slice(0, -1), fresh.slice(-1)];
+    for (const run of runs) {
+      if (!run.length) continue;
+      const html = htmlOf(run);
       const fragment = sanitize(html);
-      this.blocks.push({ source: sourceKey(token, links), html, nodes: [...fragment.childNodes] });
+      this.groups.push({ count: run.length, source: sourceOf(run, links), html, nodes: [...fragment.childNodes] });
       this.node.append(fragment);
-      html = null;
     }
   }
 }
 
-function sourceKey(token, links) {
-  return `${token.type}\u0000${token.raw}\u0000${links}`;
+function sourceOf(run, links) {
+  return run.map((t) => `${t.type}\u0000${t.raw}`).join("\u0001") + `\u0000${links}`;
+}
+
+function htmlOf(run) {
+  return marked.parser(run);
 }

@@ -14,7 +14,10 @@ The region is at most a screenful. Lines above it are written for good and
 scroll away; they cannot be redrawn, so an answer taller than the screen
 keeps its top as it was when it scrolled off (a table still growing up there
 keeps its earlier column widths); the last screenful is always exact. When
-the answer ends it is drawn once more, complete, and left on screen.
+the answer ends it is drawn once more, complete, and left on screen. (A
+terminal resized while an answer streams, or a line typed and echoed then,
+moves the region under it: a stale line or two may stay above the answer;
+what follows is drawn right.)
 
 Control characters in an answer (escape sequences, carriage returns, bells)
 are removed before rendering (as ``Output`` does for plain answers on a

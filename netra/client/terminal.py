@@ -433,11 +433,9 @@ class Output:
 
     def end_answer(self) -> None:
         if self.live is not None:
-            self.live.finish()
+            self.live.finish()  # ends on a new line
             self.live = None
-        elif self.answer_open and self.markdown:
-            pass  # an answer with no text: the prefix line already ended
-        elif self.answer_open:
+        elif self.answer_open and not self.markdown:  # (with markdown, the prefix had a line of its own)
             self._write("\n")
         self.answer_open = False
 

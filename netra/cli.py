@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--url", default="ws://127.0.0.1:8000/ws")
     chat.add_argument("--token", default=os.environ.get("NETRA_TOKEN"))
     chat.add_argument("--agent")
+    chat.add_argument(
+        "--plain", action="store_true",
+        help="print answers as written, not rendered as markdown (so do NO_COLOR, TERM=dumb and a pipe)",
+    )
 
     args = parser.parse_args(argv)
     match args.command:
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         case "chat":
             from .client.terminal import run_chat
 
-            return run_chat(url=args.url, token=args.token, agent=args.agent)
+            return run_chat(url=args.url, token=args.token, agent=args.agent, plain=args.plain)
     return 2
 
 

@@ -11,6 +11,10 @@ a second one (or one at an idle prompt, or Ctrl-D) quits with status 0.
 stdin is read with ``os.read`` on the file descriptor, not ``sys.stdin``:
 an abandoned thread blocked inside ``sys.stdin.readline`` holds the buffer's
 lock, which makes the interpreter abort at exit.
+
+On a terminal that takes colour, answers are rendered as markdown while they
+stream (``_markdown.py``); with ``--plain``, ``NO_COLOR``, ``TERM=dumb``, or
+when the output is not a terminal, they are printed as the model wrote them.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import signal
 import sys
 import types
 from collections.abc import AsyncIterator
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import attrs
 import trio
@@ -31,6 +35,9 @@ import trio
 from ..protocol import Received
 from ._connection import Connection, connect
 from ._errors import ClientError, ConnectionClosed, ConnectionRefused, RunRefused, ServerUnreachable
+
+if TYPE_CHECKING:
+    from ._markdown import LiveMarkdown
 
 NO_TOKEN = """\
 netra chat: no token. Pass --token TOKEN or set NETRA_TOKEN.
@@ -59,9 +66,10 @@ def close_text(code: int | None, reason: str | None) -> str:
     return f"{text} ({code}{': ' + reason if reason else ''})"
 
 
-def run_chat(url: str, token: str | None, agent: str | None = None) -> int:
+def run_chat(url: str, token: str | None, agent: str | None = None, *, plain: bool = False) -> int:
     """Exit status: 0 when the user quits, 1 when the connection fails or
-    ends, 2 for a usage mistake (no token, not a ws:// URL)."""
+    ends, 2 for a usage mistake (no token, not a ws:// URL). ``plain``:
+    print answers as written, even on a terminal that could render them."""
     if not token:
         print(NO_TOKEN, file=sys.stderr)
         return 2
@@ -69,7 +77,7 @@ def run_chat(url: str, token: str | None, agent: str | None = None) -> int:
         print(f"netra chat: --url must be a ws:// or wss:// URL, not {url!r}", file=sys.stderr)
         return 2
     try:
-        return trio.run(_chat, url, token, agent, Output.for_stream(sys.stdout))
+        return trio.run(_chat, url, token, agent, Output.for_stream(sys.stdout, plain=plain))
     except KeyboardInterrupt:  # before the signal receiver was in place
         return 0
 
@@ -134,6 +142,7 @@ class Chat:
     run: RunState | None = None
     exit_code: int = 0
     closed_reported: bool = False
+    painting: bool = False
     _nursery: trio.Nursery | None = None
 
     async def main(self, sigint: AsyncIterator[int]) -> int:
@@ -234,6 +243,7 @@ class Chat:
                     state.answering = True
                     out.begin_answer(f"{state.agent}> ")
                 out.chunk(raw.get("delta", ""))
+                self._paint_soon()
             case "agent_completed":
                 if not state.answering:
                     out.begin_answer(f"{state.agent}> ")
@@ -244,6 +254,21 @@ class Chat:
                 out.error(f"error ({raw.get('code')}): {raw.get('message')}{hint}")
             case "agent_cancelled":
                 out.line(f"cancelled ({raw.get('reason')})", style="yellow")
+
+    def _paint_soon(self) -> None:
+        """Redraw a streaming markdown answer once its redraw is due, even
+        if no more text comes by then."""
+        if not self.painting and self.out.paint_delay() is not None and self._nursery is not None:
+            self.painting = True
+            self._nursery.start_soon(self._paint_later)
+
+    async def _paint_later(self) -> None:
+        try:
+            while (delay := self.out.paint_delay()) is not None:
+                await trio.sleep(delay)
+                self.out.paint()
+        finally:
+            self.painting = False
 
     async def _watch_sigint(self, sigint: AsyncIterator[int]) -> None:
         async for _ in sigint:
@@ -299,6 +324,16 @@ class Symbols:
     dots: str
 
 
+_CONTROLS = {c: None for c in (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)) if chr(c) not in "\n\t"}
+
+
+def strip_controls(text: str) -> str:
+    """The text without control characters, except newline and tab: what a
+    model writes must not drive the terminal (move the cursor, set the
+    window title, write the clipboard)."""
+    return text.translate(_CONTROLS)
+
+
 FANCY = Symbols(gear="⚙", arrow="→", cross="✗", dots="…")
 PLAIN = Symbols(gear="*", arrow="->", cross="x", dots="...")
 STYLES = types.MappingProxyType({"dim": "\033[2m", "red": "\033[31m", "yellow": "\033[33m"})
@@ -308,25 +343,31 @@ STYLES = types.MappingProxyType({"dim": "\033[2m", "red": "\033[31m", "yellow": 
 class Output:
     """What the user sees. On a terminal the progress line is transient:
     each update overwrites the last (cut to the width, since a wrapped line
-    cannot be overwritten); piped, every update is a line of its own."""
+    cannot be overwritten); piped, every update is a line of its own.
+
+    With ``markdown``, an answer is drawn by a :class:`LiveMarkdown` below
+    its ``agent>`` line; otherwise its text follows that prefix as it came."""
 
     stream: TextIO
     tty: bool
     color: bool
     symbols: Symbols
+    markdown: bool = False
     transient: bool = False
     answer_open: bool = False
+    live: LiveMarkdown | None = None
 
     @classmethod
-    def for_stream(cls, stream: TextIO) -> Output:
+    def for_stream(cls, stream: TextIO, *, plain: bool = False) -> Output:
         tty = stream.isatty()
         try:
-            "⚙→✗…".encode(stream.encoding or "ascii")
+            "⚙→✗…•".encode(stream.encoding or "ascii")
             symbols = FANCY
         except (UnicodeEncodeError, LookupError):
             symbols = PLAIN
         color = tty and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
-        return cls(stream=stream, tty=tty, color=color, symbols=symbols)
+        markdown = color and not plain and symbols is FANCY  # rich draws boxes and bullets
+        return cls(stream=stream, tty=tty, color=color, symbols=symbols, markdown=markdown)
 
     def _write(self, text: str) -> None:
         self.stream.write(text)
@@ -340,9 +381,7 @@ class Output:
         if self.transient:
             self._write("\r\033[K")
             self.transient = False
-        if self.answer_open:
-            self._write("\n")
-            self.answer_open = False
+        self.end_answer()
 
     def status(self, text: str) -> None:
         self._settle()
@@ -367,16 +406,38 @@ class Output:
 
     def begin_answer(self, prefix: str) -> None:
         self._settle()
-        self._write(self._style(prefix, "dim"))
+        if self.markdown:
+            self._write(self._style(prefix.rstrip(), "dim") + "\n")
+        else:
+            self._write(self._style(prefix, "dim"))
         self.answer_open = True
 
     def chunk(self, text: str) -> None:
-        self._write(text)
+        if not self.markdown:
+            self._write(strip_controls(text) if self.tty else text)  # a pipe gets the answer as written
+            return
+        if self.live is None:  # the answer goes on after a progress line
+            from ._markdown import LiveMarkdown
+
+            self.live = LiveMarkdown.for_stream(self.stream)
+            self.answer_open = True
+        self.live.feed(text)
+
+    def paint_delay(self) -> float | None:
+        """Seconds until a streaming markdown answer is due to be redrawn."""
+        return self.live.delay() if self.live is not None else None
+
+    def paint(self) -> None:
+        if self.live is not None and self.live.dirty:
+            self.live.paint()
 
     def end_answer(self) -> None:
-        if self.answer_open:
+        if self.live is not None:
+            self.live.finish()  # ends on a new line
+            self.live = None
+        elif self.answer_open and not self.markdown:  # (with markdown, the prefix had a line of its own)
             self._write("\n")
-            self.answer_open = False
+        self.answer_open = False
 
     def prompt(self) -> None:
         self._settle()

@@ -1,10 +1,11 @@
 """The chat page: ``/``, its static files, and development tokens.
 
 The page is a handful of plain files in ``netra/web/static`` (no build step,
-no CDN), so it works offline and ships inside the wheel. They are read once,
-when the app is built, into an immutable table: a request can only name a
-file that was there at start-up, so no path from the URL ever reaches the
-file system. Each file gets an ETag so browsers revalidate cheaply.
+no CDN), so it works offline and ships inside the wheel; the libraries it
+uses are copied, as published, into ``static/vendor`` (see the README there).
+They are read once, when the app is built, into an immutable table: a request
+can only name a file that was there at start-up, so no path from the URL ever
+reaches the file system. Each file gets an ETag so browsers revalidate cheaply.
 
 ``GET /api/dev-token`` hands out a token for ``dev-user`` only in development
 mode (``netra serve`` generated its own secret, so the tokens can open nothing
@@ -50,17 +51,25 @@ class StaticFile:
         return cls(body=body, content_type=content_type, etag='"' + hashlib.sha256(body).hexdigest()[:20] + '"')
 
 
+#: Folders of the static folder whose files are served too, as ``vendor/NAME``.
+_SUBFOLDERS = ("vendor",)
+
+
 def load_static() -> Mapping[str, StaticFile]:
-    """Every servable file of the static folder, by name (read once).
+    """Every servable file of the static folder (and of its vendor folder,
+    as ``vendor/NAME``), by name, read once.
 
     importlib.resources rather than a path next to ``__file__`` so it also
     works from a zipped or otherwise packaged install."""
-    folder = resources.files("netra.web") / "static"
+    static = resources.files("netra.web") / "static"
     files = {}
-    for entry in folder.iterdir():
-        suffix = "." + entry.name.rpartition(".")[2]
-        if entry.is_file() and suffix in _TYPES and not entry.name.startswith("."):
-            files[entry.name] = StaticFile.of(entry.read_bytes(), _TYPES[suffix])
+    for prefix, folder in (("", static), *((f"{sub}/", static / sub) for sub in _SUBFOLDERS)):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            suffix = "." + entry.name.rpartition(".")[2]
+            if entry.is_file() and suffix in _TYPES and not entry.name.startswith("."):
+                files[prefix + entry.name] = StaticFile.of(entry.read_bytes(), _TYPES[suffix])
     return types.MappingProxyType(files)
 
 
@@ -103,8 +112,9 @@ def register_pages(app: QuartTrio, hub: Hub) -> None:
         return serve(index)
 
     @app.get("/static/<name>")
-    async def static_file(name: str) -> Any:
-        file = static.get(name)
+    @app.get("/static/<sub>/<name>")
+    async def static_file(name: str, sub: str | None = None) -> Any:
+        file = static.get(f"{sub}/{name}" if sub else name)
         if file is None or name == "index.html":
             return jsonify(code="not_found", message="no such file"), 404
         return serve(file)

@@ -46,9 +46,28 @@ async function api(path) {
   return { status: response.status, body };
 }
 
+// The log follows the conversation while it is scrolled to the end; once the
+// reader scrolls up, new text no longer pulls the view down, until they
+// scroll back to the end. Answers render a frame after their events, so a
+// ResizeObserver on the messages does the following, before the paint.
+const follow = { pinned: true, top: -1 }; // top: where we last scrolled the log
+
 function scrollToEnd() {
   const log = $("log");
   log.scrollTop = log.scrollHeight;
+  follow.pinned = true;
+  follow.top = log.scrollTop;
+}
+
+function followLog() {
+  const log = $("log");
+  log.addEventListener("scroll", () => {
+    if (log.scrollTop === follow.top) return; // our own scroll, not the reader's
+    follow.pinned = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
+  });
+  const keepUp = new ResizeObserver(() => { if (follow.pinned) scrollToEnd(); });
+  keepUp.observe($("messages"));
+  keepUp.observe(log); // the log itself shrinks when the window or the composer changes
 }
 
 function updateStop() {
@@ -217,7 +236,6 @@ function onEvent(event) {
     if (app.history) loadThreads();
   }
   updateStop();
-  scrollToEnd();
 }
 
 function onError(event) {
@@ -350,6 +368,7 @@ function toggleThreads(open) {
 // -- wiring -------------------------------------------------------------------------------
 
 function init() {
+  followLog();
   $("sign-in-form").addEventListener("submit", (e) => {
     e.preventDefault();
     signIn($("token-input").value);

@@ -1,5 +1,9 @@
 // Rendering of the conversation. Everything the server or a user wrote goes
-// in through textContent, never innerHTML, so no message can become markup.
+// in through textContent, never innerHTML, so no message can become markup;
+// the one exception is an assistant's answer, rendered as sanitized markdown
+// by markdown.js.
+
+import { MarkdownView } from "./markdown.js";
 
 export function el(tag, props = {}, ...children) {
   const node = document.createElement(tag);
@@ -66,6 +70,7 @@ export class RunView {
       el("summary", { text: "Progress" }), this.steps);
     this.progress.hidden = true;
     this.answer = el("div", { class: "answer", "aria-live": "polite", "aria-busy": "true" });
+    this.markdown = new MarkdownView(this.answer);
     this.outcome = el("p", { class: "outcome" });
     this.outcome.hidden = true;
     this.node = el("li", { class: "turn assistant", "data-state": "pending" },
@@ -129,11 +134,12 @@ export class RunView {
 
   delta(event) {
     this.setState("running", "answering…");
-    this.answer.textContent += event.delta;
+    this.markdown.append(event.delta); // rendered at the next animation frame
   }
 
   end(name, text, detail) {
     this.finished = true;
+    this.markdown.flush();
     this.answer.setAttribute("aria-busy", "false");
     this.setState(name, text);
     if (detail) {
@@ -143,7 +149,7 @@ export class RunView {
   }
 
   completed(event) {
-    this.answer.textContent = event.text; // the whole answer is authoritative
+    this.markdown.set(event.text); // the whole answer is authoritative
     this.end("completed", `done in ${event.duration_ms} ms`);
   }
 
@@ -168,7 +174,7 @@ export class RunView {
   static fromHistory(message, run) {
     const view = new RunView();
     view.runId = message.run_id;
-    view.answer.textContent = message.text;
+    view.markdown.set(message.text);
     if (run) {
       view.agent.textContent = run.agent;
       for (const call of run.tool_calls || []) {

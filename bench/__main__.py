@@ -191,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         from .workers import main as workers_main
 
         return workers_main(argv[1:])
+    if argv[:1] == ["cluster"]:  # python -m bench cluster: a cluster node killed under load
+        from .cluster import main as cluster_main
+
+        return cluster_main(argv[1:])
     if argv[:1] == ["framing"]:  # python -m bench framing: WebSocket framing and JSON encoding costs
         from .framing import main as framing_main
 

@@ -486,3 +486,26 @@ async def test_each_request_is_a_connection_under_ws_connection_limits():
             assert_agui_run(await agui_run(server, token_for(server, "bob"), run_input("bob may")))
             server.request_stop()  # ends the hanging run: its stream finishes, cancelled
         assert answers[0].terminal["outcome"] == {"type": "cancelled"}
+
+
+async def test_a_run_interrupted_by_the_next_one_on_its_thread_finishes_cancelled(server):
+    token = token_for(server, "alice")
+    thread_id = f"interrupted-{uuid.uuid4()}"
+    answers: list[Answer] = []
+
+    async def first() -> None:
+        answers.append(await agui_run(server, token, run_input("[[tool:hang {}]]", thread_id=thread_id)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first)
+        with trio.fail_after(5):
+            while not server.hub.users.get("alice") or not server.hub.users["alice"].runs:
+                await trio.sleep(0.01)
+        second = await agui_run(server, token, run_input(
+            "never mind", thread_id=thread_id, forwardedProps={"multitask": "interrupt"}))
+    assert_agui_run(second)
+    [interrupted] = answers
+    assert_agui_run(interrupted)
+    assert interrupted.terminal["outcome"] == {"type": "cancelled"}
+    assert interrupted.terminal["metadata"]["netra"]["cancel_reason"] == "interrupted"
+    await settle(server.hub)

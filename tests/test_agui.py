@@ -24,6 +24,7 @@ from netra.client import connect
 from netra.testing import config_for_tests, open_server, token_for
 
 from .conftest import settle
+from .test_store_e2e import RecordingModel
 
 CALC = 'what is [[tool:calculator {"expression": "6*7"}]]'
 FAILING = "try [[tool:fail {}]]"
@@ -509,3 +510,24 @@ async def test_a_run_interrupted_by_the_next_one_on_its_thread_finishes_cancelle
     assert interrupted.terminal["outcome"] == {"type": "cancelled"}
     assert interrupted.terminal["metadata"]["netra"]["cancel_reason"] == "interrupted"
     await settle(server.hub)
+
+
+async def test_agui_threads_on_the_sql_stores(backend):
+    """The thread an AG-UI client names is a thread of the SQL stores too:
+    created under its id, continued with its history reaching the model,
+    and another user's stays theirs."""
+    model = RecordingModel()
+    config = config_for_tests(database_url=backend.url, store_pool_size=4)
+    async with open_server(config, model=model, store="config") as server:
+        alice, bob = token_for(server, "alice"), token_for(server, "bob")
+        thread_id = f"sql-{uuid.uuid4()}"
+        assert_agui_run(await agui_run(server, alice, run_input("first question", thread_id=thread_id)))
+        assert_agui_run(await agui_run(server, alice, run_input("second question", thread_id=thread_id)))
+        seen = [m.content for m in model.requests[-1].messages if m.role in ("user", "assistant")]
+        assert seen[0] == "first question" and seen[1].startswith("You said") and seen[-1] == "second question"
+        intruder = await agui_run(server, bob, run_input("mine now", thread_id=thread_id))
+        assert_agui_run(intruder, outcome="RUN_ERROR")
+        assert intruder.terminal["code"] == "not_found"
+        stored = (await thread_of(server, alice, thread_id)).json()
+        assert [m["text"] for m in stored["messages"] if m["role"] == "user"] == ["first question", "second question"]
+        await settle(server.hub)

@@ -154,8 +154,9 @@ def netra_run_id(answer: Answer) -> str:
 
 
 async def thread_of(server: Any, token: str, thread_id: str) -> httpx.Response:
-    async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
-        return await http.get(f"/api/threads/{thread_id}", headers={"Authorization": f"Bearer {token}"})
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+            return await http.get(f"/api/threads/{thread_id}", headers={"Authorization": f"Bearer {token}"})
 
 
 # -- a run, as AG-UI events ---------------------------------------------------------
@@ -251,8 +252,9 @@ async def test_an_agui_run_makes_a_netra_thread_under_the_clients_thread_id(serv
     second = await agui_run(server, token, run_input("second", thread_id=thread_id))
     assert_agui_run(first)
     assert_agui_run(second)
-    async with httpx.AsyncClient(base_url=server.http_url) as http:
-        listed = (await http.get("/api/threads", headers={"Authorization": f"Bearer {token}"})).json()
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(base_url=server.http_url) as http:
+            listed = (await http.get("/api/threads", headers={"Authorization": f"Bearer {token}"})).json()
     assert [t["id"] for t in listed["threads"]] == [thread_id]
     stored = (await thread_of(server, token, thread_id)).json()
     assert [m["text"][:6] for m in stored["messages"] if m["role"] == "user"] == ["first", "second"]
@@ -346,8 +348,9 @@ async def test_auth_is_the_same_bearer_token_as_ws(server):
     assert (bad.status, bad.body["code"]) == (401, "unauthorized")
     expired = await agui_run(server, token_for(server, "alice", ttl_s=-60), body)
     assert expired.status == 401
-    async with httpx.AsyncClient(base_url=server.http_url) as http:
-        r = await http.post(f"/agui?token={token_for(server, 'alice')}", json=body)
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(base_url=server.http_url) as http:
+            r = await http.post(f"/agui?token={token_for(server, 'alice')}", json=body)
     assert (r.status_code, r.json()["code"]) == (400, "bad_request")
 
 
@@ -360,17 +363,18 @@ async def test_origin_rules_and_cors_for_allowed_origins():
         allowed = await agui_run(server, token, run_input("hi"), headers={"Origin": "https://app.example"})
         assert_agui_run(allowed)
         assert allowed.headers["access-control-allow-origin"] == "https://app.example"
-        async with httpx.AsyncClient(base_url=server.http_url) as http:
-            pre = await http.options("/agui", headers={
-                "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-                "Access-Control-Request-Headers": "authorization, content-type",
-            })
-            assert pre.status_code == 204
-            assert pre.headers["access-control-allow-origin"] == "https://app.example"
-            assert "authorization" in pre.headers["access-control-allow-headers"]
-            assert "POST" in pre.headers["access-control-allow-methods"]
-            refused = await http.options("/agui", headers={"Origin": "https://evil.example"})
-            assert refused.status_code == 403
+        with trio.fail_after(10):
+            async with httpx.AsyncClient(base_url=server.http_url) as http:
+                pre = await http.options("/agui", headers={
+                    "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization, content-type",
+                })
+                assert pre.status_code == 204
+                assert pre.headers["access-control-allow-origin"] == "https://app.example"
+                assert "authorization" in pre.headers["access-control-allow-headers"]
+                assert "POST" in pre.headers["access-control-allow-methods"]
+                refused = await http.options("/agui", headers={"Origin": "https://evil.example"})
+                assert refused.status_code == 403
 
 
 async def test_each_users_request_rate_is_ws_message_rate():
@@ -437,10 +441,10 @@ async def test_an_idle_keep_alive_connection_is_still_let_go():
     async with open_server(config_for_tests(handshake_timeout_s=0.4)) as server:
         host, port = server.listener.address
         sock = trio.socket.socket()
-        await sock.connect((host, port))
-        await sock.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        began = trio.current_time()
         with trio.fail_after(5):
+            await sock.connect((host, port))
+            await sock.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            began = trio.current_time()
             received = b""
             while chunk := await sock.recv(4096):
                 received += chunk

@@ -32,10 +32,11 @@ async def test_two_users_concurrent_streams_never_mix():
                     nursery.start_soon(one, user, n)
         for user, runs in answers.items():
             other = "bob" if user == "alice" else "alice"
-            async with httpx.AsyncClient(base_url=server.http_url) as http:
-                threads = (await http.get(
-                    "/api/threads", headers={"Authorization": f"Bearer {token_for(server, user)}"},
-                )).json()["threads"]
+            with trio.fail_after(10):
+                async with httpx.AsyncClient(base_url=server.http_url) as http:
+                    threads = (await http.get(
+                        "/api/threads", headers={"Authorization": f"Bearer {token_for(server, user)}"},
+                    )).json()["threads"]
             assert {t["id"] for t in threads} == {body["threadId"] for body, _ in runs}
             for body, answer in runs:
                 assert_agui_run(answer)
@@ -90,13 +91,13 @@ async def test_a_client_that_stops_reading_is_cut_off_within_write_timeout():
         host, port = server.listener.address
         sock = trio.socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        await sock.connect((host, port))
-        await sock.send(
-            b"POST /agui HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Authorization: Bearer {token_for(server, 'slow')}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
         with trio.fail_after(10):
+            await sock.connect((host, port))
+            await sock.send(
+                b"POST /agui HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Authorization: Bearer {token_for(server, 'slow')}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
             while not hub.users.get("slow") or not hub.users["slow"].runs:
                 await trio.sleep(0.005)
             began = trio.current_time()

@@ -8,7 +8,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast bench chat chromium clean help
+.PHONY: run test test-fast bench chat chromium agui-js clean help
 
 help:
 	@echo "make run     - install (first time) and start netra on http://$(HOST):$(PORT)"
@@ -34,7 +34,11 @@ run: $(STAMP)
 chromium:
 	@sh .ci/install-chromium
 
-test: $(STAMP) chromium
+# The official AG-UI client, for the /agui test (tests/agui_js; needs node and npm).
+agui-js:
+	@sh .ci/install-agui-js
+
+test: $(STAMP) chromium agui-js
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
@@ -53,4 +57,4 @@ chat: $(STAMP)
 	$(VENV)/bin/netra chat --url ws://$(HOST):$(PORT)/ws --token "$$token"
 
 clean:
-	rm -rf $(VENV) data .pytest_cache
+	rm -rf $(VENV) data .pytest_cache tests/agui_js/node_modules

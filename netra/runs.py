@@ -175,15 +175,17 @@ class RunTable:
 
     # -- admission ------------------------------------------------------------
 
-    def start(self, msg: UserMessage) -> Run:
-        """Admit a message and start its run; NetraError when refused."""
+    def start(self, msg: UserMessage, *, new_thread_id: str | None = None) -> Run:
+        """Admit a message and start its run; NetraError when refused. A
+        message with no ``thread_id`` starts a thread, named ``new_thread_id``
+        when the client chose its name (AG-UI), else a new id."""
         hub, c, user = self.hub, self.hub.config, self.user
         if hub.draining:
             raise Busy("the server is shutting down", retry_after_ms=int(c.drain_grace_s * 1000))
         agent = route(hub.agents, msg.text, msg.agent)
         new_thread = msg.thread_id is None
         ids = hub.ids
-        thread_id = msg.thread_id or ids.new("thr")
+        thread_id = msg.thread_id or new_thread_id or ids.new("thr")
         thread = user.thread(thread_id)
         multitask = msg.multitask or c.default_multitask
         if thread.busy:

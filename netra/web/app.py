@@ -1,7 +1,8 @@
 """The app factory: a quart-trio app for the HTTP side.
 
-HTTP routes (health, readiness, metrics, the threads API, the chat page) are
-ordinary quart routes served by hypercorn (:mod:`netra.web.http`). ``/ws``
+HTTP routes (health, readiness, metrics, the threads API, the chat page,
+AG-UI's ``/agui``) are ordinary quart routes served by hypercorn
+(:mod:`netra.web.http`). ``/ws``
 never reaches this app: the listener hands it to netra's own WebSocket path
 (:mod:`netra.web.ws`).
 """
@@ -16,6 +17,7 @@ import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
+from ..agui import register_agui
 from ..auth import bearer_token
 from ..errors import NetraError
 from ..hub import Hub
@@ -59,4 +61,5 @@ def create_app(hub: Hub) -> QuartTrio:
 
     register_pages(app, hub)
     register_api(app, hub)
+    register_agui(app, hub)
     return app

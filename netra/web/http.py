@@ -15,12 +15,23 @@ nothing more can happen on that connection, so netra cancels hypercorn's
 handler for it too: hypercorn's reader of a connection whose pipelined
 requests paused it waits for a wake-up that a failed write never sends,
 which would keep the socket and its tasks forever.
+
+Reads have a deadline too, hypercorn's ``read_timeout``, but netra applies
+it itself, only while none of the connection's requests is being answered:
+hypercorn's own is one deadline on every read, so a streamed response
+(AG-UI's ``/agui``) whose client had nothing more to send was cut after
+``read_timeout``. An idle connection is still let go after it, counted from
+the end of its last response.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import trio
@@ -41,13 +52,16 @@ class DeadlineStream(trio.abc.HalfCloseableStream):
 
     def __init__(
         self, sock: socket.socket, buffered: bytes, *, write_timeout_s: float,
-        on_abort: Any = None, on_broken: Any = None,
+        read_timeout_s: float = math.inf, on_abort: Any = None, on_broken: Any = None,
     ) -> None:
         self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         self._buffered = buffered
         self._write_timeout_s = write_timeout_s
+        self._read_timeout_s = read_timeout_s
         self._on_abort = on_abort  # a write passed its deadline
         self._on_broken = on_broken  # a write failed, whatever the reason
+        self._answering = 0  # requests of this connection being answered now
+        self._reading: trio.CancelScope | None = None  # the read waiting now
 
     @property
     def socket(self) -> trio.socket.SocketType:
@@ -80,7 +94,31 @@ class DeadlineStream(trio.abc.HalfCloseableStream):
             data, self._buffered = self._buffered, b""
             await trio.lowlevel.checkpoint()
             return data
-        return await self._stream.receive_some(max_bytes)
+        with trio.CancelScope(deadline=self._read_deadline()) as self._reading:
+            try:
+                return await self._stream.receive_some(max_bytes)
+            finally:
+                self._reading = None
+        # hypercorn ends the connection on this, as on its own read timeout
+        raise trio.TooSlowError("the client sent nothing within the read deadline")
+
+    @contextmanager
+    def answering(self) -> Iterator[None]:
+        """While a request is being answered, reading waits without a deadline."""
+        self._answering += 1
+        self._move_read_deadline()
+        try:
+            yield
+        finally:
+            self._answering -= 1
+            self._move_read_deadline()
+
+    def _read_deadline(self) -> float:
+        return math.inf if self._answering else trio.current_time() + self._read_timeout_s
+
+    def _move_read_deadline(self) -> None:
+        if self._reading is not None:
+            self._reading.deadline = self._read_deadline()
 
     async def send_eof(self) -> None:
         await self._stream.send_eof()
@@ -105,7 +143,10 @@ class HttpSide:
 
     def __init__(self, app: Any, config: HypercornConfig, *, write_timeout_s: float, on_abort: Any = None) -> None:
         self._app = ASGIWrapper(app)
-        self._config = config
+        # netra applies hypercorn's read timeout itself, between responses (see DeadlineStream)
+        self._read_timeout_s = config.read_timeout if config.read_timeout is not None else math.inf
+        self._config = copy.copy(config)
+        self._config.read_timeout = None
         self._context = WorkerContext(None)
         self._state: dict[str, Any] = {}
         self._write_timeout_s = write_timeout_s
@@ -128,12 +169,26 @@ class HttpSide:
     async def serve(self, sock: socket.socket, buffered: bytes) -> None:
         with trio.CancelScope() as scope:
             stream = DeadlineStream(
-                sock, buffered, write_timeout_s=self._write_timeout_s,
+                sock, buffered, write_timeout_s=self._write_timeout_s, read_timeout_s=self._read_timeout_s,
                 on_abort=self._on_abort, on_broken=scope.cancel,
             )
-            server = TCPServer(self._app, self._config, self._context, ConnectionState(self._state.copy()), stream)
+            app = _Answering(self._app, stream)
+            server = TCPServer(app, self._config, self._context, ConnectionState(self._state.copy()), stream)
             await server.run()
 
     async def terminate(self) -> None:
         """Ask keep-alive connections to close after their current request."""
         await self._context.terminated.set()
+
+
+class _Answering:
+    """The app as one connection's requests reach it: while it answers one,
+    that connection's reads have no deadline (see DeadlineStream)."""
+
+    def __init__(self, app: Any, stream: DeadlineStream) -> None:
+        self._app = app
+        self._stream = stream
+
+    async def __call__(self, scope: Any, receive: Any, send: Any, sync_spawn: Any, call_soon: Any) -> None:
+        with self._stream.answering():
+            await self._app(scope, receive, send, sync_spawn, call_soon)

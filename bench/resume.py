@@ -14,6 +14,12 @@ runs that completed, seq errors. The server is netra on loopback (127.0.0.1)
 with ``NETRA_RESUME_WINDOW_S`` at its default; every wait is bounded.
 
     python -m bench.resume --users 200 --stream 40 --delay-ms 20
+    python -m bench.resume --users 200 --cluster   # resumed on the other node of two
+
+With ``--cluster`` two nodes share the local Redis and a PostgreSQL
+database made for the run, and every client resumes on the node that did
+not hold its session: the session goes on over a link through Redis
+(docs/cluster.md), so the figures include the owner's answer and the relay.
 """
 
 from __future__ import annotations
@@ -94,8 +100,9 @@ class Raw:
         self.sock.close()
 
 
-async def one_user(port: int, secret: str, user: int, args: argparse.Namespace, out: dict) -> None:
-    token = mint_token(secret, f"resume-{user}")
+async def one_user(ports: tuple[int, int], secret: str, user: int, args: argparse.Namespace, out: dict) -> None:
+    token = mint_token(secret, f"resume-{user}-{args.nonce}")
+    port, other = ports
     raw = await Raw.open(port, token)
     connected = await raw.event()
     await raw.send({"type": "user_message", "text": f"[[stream:{args.stream}]] story {user}", "id": f"s{user}"})
@@ -104,7 +111,7 @@ async def one_user(port: int, secret: str, user: int, args: argparse.Namespace, 
         events.append(await raw.event())
     cut = trio.current_time()
     raw.reset()
-    again = await Raw.open(port, token)
+    again = await Raw.open(other, token)  # with --cluster, on the other node
     await again.event()  # this connection's own connected
     await again.send({"type": "resume", "session_id": connected["session_id"],
                       "resume_token": connected["resume_token"], "last_seq": events[-1]["seq"]})
@@ -136,12 +143,23 @@ def pct(values: list[float], p: float) -> float | None:
 
 async def main(args: argparse.Namespace) -> dict:
     secret = secrets.token_hex(16)
+    args.nonce = secrets.token_hex(4)
     log_dir = Path(tempfile.mkdtemp(prefix="netra-bench-resume-"))
-    server = _servers.start("netra", secret=secret, delay_ms=args.delay_ms, log_dir=log_dir,
-                            netra_forced={"NETRA_MAX_CONNECTIONS_PER_USER": "4"})
+    forced = {"NETRA_MAX_CONNECTIONS_PER_USER": "4"}
+    database = None
+    if args.cluster:  # two nodes of one cluster: every resume lands on the node that did not hold it
+        from .cluster import DEFAULT_DB, DEFAULT_REDIS, _database
+
+        database = f"netra_bench_{secrets.token_hex(6)}"
+        forced |= {"NETRA_DATABASE_URL": _database(DEFAULT_DB, database, True), "NETRA_REDIS_URL": DEFAULT_REDIS,
+                   "NETRA_REDIS_PREFIX": f"netra-bench:{secrets.token_hex(6)}:"}
+    servers = [_servers.start(f"netra{n}", secret=secret, delay_ms=args.delay_ms, log_dir=log_dir,
+                              netra_forced=forced) for n in range(2 if args.cluster else 1)]
+    ports = (servers[0].port, servers[-1].port)
     out: dict = {"to_resumed": [], "to_first_event": [], "failed": [], "completed": 0, "seq_errors": 0}
     try:
-        await _servers.wait_ready(server)
+        for server in servers:
+            await _servers.wait_ready(server)
         with trio.fail_after(args.timeout):
             async with trio.open_nursery() as nursery:
                 limit = trio.Semaphore(args.concurrency)
@@ -149,15 +167,19 @@ async def main(args: argparse.Namespace) -> dict:
                 async def run(user: int) -> None:
                     async with limit:
                         try:
-                            await one_user(server.port, secret, user, args, out)
+                            await one_user(ports, secret, user, args, out)
                         except (OSError, EOFError, RuntimeError) as exc:
                             out["failed"].append(type(exc).__name__)
 
                 for user in range(args.users):
                     nursery.start_soon(run, user)
     finally:
-        _servers.stop(server)
+        for server in servers:
+            _servers.stop(server)
+        if database is not None:
+            _database(DEFAULT_DB, database, False)
     return {
+        "where": "on another node of a cluster (Redis link)" if args.cluster else "on the same server",
         "users": args.users, "stream_chunks": args.stream, "delay_ms": args.delay_ms,
         "resumed": len(out["to_resumed"]), "failed": len(out["failed"]), "failures": sorted(set(out["failed"])),
         "completed": out["completed"], "seq_errors": out["seq_errors"],
@@ -175,6 +197,8 @@ def cli() -> None:
     parser.add_argument("--cut-after", type=int, default=5, help="deltas read before the reset")
     parser.add_argument("--delay-ms", type=float, default=20.0, help="scripted delay per delta")
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--cluster", action="store_true",
+                        help="two nodes on the local Redis and PostgreSQL; each client resumes on the other node")
     args = parser.parse_args()
     result = trio.run(main, args)
     print(json.dumps(result, indent=2))

@@ -108,7 +108,7 @@ class Session:
     handed_released: trio.Event | None = None
     #: In a cluster: the link (id, and the owner's answer's entry id) over
     #: which this connection carries a session resumed on another node.
-    handed_link: tuple[str, str] | None = None
+    handed_link: tuple[str, link.Inbox] | None = None
     #: Gives back this connection's place among its user's connections
     #: across a cluster (None outside one): when the session ends, or when
     #: its connection drops and it waits for a resume.
@@ -516,14 +516,14 @@ class Session:
             raise errors.NotFound(_NO_SESSION)
         link_id = self.hub.ids.new("lnk")
         self.flush()  # this connection's own connected event goes first
-        why, after = await link.request(cluster, owner, link_id, {
+        why, inbox = await link.request(cluster, owner, link_id, {
             "op": "resume", "link": link_id, "session_id": msg.session_id, "resume_token": msg.resume_token,
             "last_seq": msg.last_seq, "user_id": self.identity.user_id, "expires_at": self.identity.expires_at,
         })
         if why is not None:
             log.info("resume on another node refused: %s", why, extra={"connection_id": self.connection_id})
             raise errors.NotFound(_NO_SESSION)
-        self.handed_link = (link_id, after)
+        self.handed_link = (link_id, inbox)
         self.hub.metrics.sessions_resumed.labels("relayed").inc()
         return True
 

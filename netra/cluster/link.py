@@ -24,13 +24,16 @@ the owner, which keeps the session for a resume) rather than closing 4430.
 
 from __future__ import annotations
 
+import collections
 import logging
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 from coredis.tokens import PureToken
 
 from .. import _json
+from ..errors import StoreError
 from ..transport import Transport
 from ..transport.frames import CLOSE_ABNORMAL
 from ._redis import as_text
@@ -40,8 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("netra.cluster")
 
-#: How long one blocking read waits before it looks at the clock again.
-_BLOCK_MS = 1000
+#: How long the node's one blocking read of every link waits at a time
+#: (a link opened meanwhile joins the next read: at most this late).
+_BLOCK_MS = 50
 #: A link's streams outlive their last write by this much (then Redis drops them).
 _STREAM_TTL_S = 300
 #: Entries kept per stream (a reader behind by more than this is a dead one).
@@ -53,14 +57,79 @@ def link_keys(node: ClusterNode, link_id: str) -> tuple[str, str]:
     return f"{node.prefix}link:{link_id}:out", f"{node.prefix}link:{link_id}:in"
 
 
+@attrs.define(eq=False)
+class Inbox:
+    """What one link side has read of the other's stream, not yet taken."""
+
+    entries: collections.deque[dict[str, str]] = attrs.field(factory=collections.deque)
+    arrived: trio.Event = attrs.field(factory=trio.Event)
+    last_id: str = "0-0"
+
+    async def take(self, silence_s: float) -> list[dict[str, str]] | None:
+        """The entries read so far, waiting for one; None after ``silence_s`` without any."""
+        if not self.entries:
+            with trio.move_on_after(silence_s):
+                await self.arrived.wait()
+            if not self.entries:
+                return None
+        self.arrived = trio.Event()
+        taken = list(self.entries)
+        self.entries.clear()
+        return taken
+
+
+@attrs.define(eq=False)
+class LinkReader:
+    """The node's one reader of every link stream its sides read: a single
+    blocking ``XREAD`` of all of them at a time, instead of a Redis
+    connection held by each (a pool has a few dozen)."""
+
+    node: ClusterNode
+    inboxes: dict[str, Inbox] = attrs.field(factory=dict)
+    _wakeup: trio.Event = attrs.field(factory=trio.Event)
+
+    def open(self, key: str) -> Inbox:
+        inbox = self.inboxes[key] = Inbox()
+        self._wakeup.set()
+        return inbox
+
+    def close(self, key: str) -> None:
+        self.inboxes.pop(key, None)
+
+    async def run(self) -> None:
+        node = self.node
+        while True:
+            if not self.inboxes:
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                continue
+            wanted = {key: inbox.last_id for key, inbox in self.inboxes.items()}
+            try:
+                reply = await node._call(lambda: node.redis.xread(wanted, count=256, block=_BLOCK_MS))
+            except StoreError as exc:  # each side notices the silence by itself
+                log.warning("reading the links failed: %r", exc)
+                await trio.sleep(_BLOCK_MS / 1000)
+                continue
+            for key, entries in (reply or {}).items():
+                inbox = self.inboxes.get(as_text(key))
+                if inbox is None or not entries:
+                    continue
+                for entry in entries:
+                    inbox.entries.append({as_text(k): as_text(v) for k, v in entry.field_values.items()})
+                inbox.last_id = as_text(entries[-1].identifier)
+                inbox.arrived.set()
+
+
 class _Pumps:
     """Writes a side's entries to its stream in order, with keepalives, and
-    reads the other side's, noticing a silence of one TTL."""
+    reads the other side's through the node's reader, noticing a silence
+    of one TTL."""
 
-    def __init__(self, node: ClusterNode, write_key: str, read_key: str) -> None:
+    def __init__(self, node: ClusterNode, write_key: str, read_key: str, inbox: Inbox | None = None) -> None:
         self.node = node
         self.write_key = write_key
         self.read_key = read_key
+        self.inbox = inbox if inbox is not None else node.links.open(read_key)
         self.outbox: list[dict[str, Any]] = []
         self.wakeup = trio.Event()
         self.finished = False  # the last entry is in the outbox: write it and stop
@@ -91,21 +160,13 @@ class _Pumps:
             if self.finished and not self.outbox:
                 return
 
-    async def read(self, last_id: str, *, count: int = 256) -> tuple[str, list[dict[str, str]]] | None:
-        """The next entries after ``last_id`` (with the new last id), or
-        None once the other side has been silent for a TTL."""
-        node = self.node
-        deadline = trio.current_time() + node.ttl
-        while trio.current_time() < deadline:
-            reply = await node._call(lambda: node.redis.xread({self.read_key: last_id}, count=count, block=_BLOCK_MS))
-            if not reply:
-                continue
-            entries = []
-            for entry in next(iter(reply.values())):
-                last_id = as_text(entry.identifier)
-                entries.append({as_text(k): as_text(v) for k, v in entry.field_values.items()})
-            return last_id, entries
-        return None
+    async def read(self, silence_s: float | None = None) -> list[dict[str, str]] | None:
+        """The other side's next entries, or None once it has been silent
+        for ``silence_s`` (a TTL: it is gone)."""
+        return await self.inbox.take(self.node.ttl if silence_s is None else silence_s)
+
+    def close(self) -> None:
+        self.node.links.close(self.read_key)
 
 
 class LinkTransport(Transport):
@@ -140,20 +201,19 @@ class LinkTransport(Transport):
             except Exception as exc:  # Redis failed under the link: as a dropped connection
                 log.warning("a resumed session's link to its relay failed: %r", exc)
             finally:
+                self._pumps.close()
                 if self.peer_close_code is None:
                     self.peer_close_code = CLOSE_ABNORMAL
                     self.lost = self.lost or "link"
                 self._frames_in.close()
 
     async def _read_forever(self) -> None:
-        last_id = "0-0"
         async with self._frames_in:
             while True:
-                got = await self._pumps.read(last_id)
-                if got is None:
+                entries = await self._pumps.read()
+                if entries is None:
                     self.lost = "link"
                     return
-                last_id, entries = got
                 for entry in entries:
                     if "f" in entry:
                         frame = entry["f"]
@@ -202,29 +262,38 @@ class LinkTransport(Transport):
         await trio.lowlevel.checkpoint()
 
 
-async def request(node: ClusterNode, owner: str, link_id: str, message: dict[str, Any]) -> tuple[str | None, str]:
-    """Ask ``owner`` to resume a session over ``link_id``: (None, the id of
-    its answer) when it did, else (why not, in words for the client, "")."""
+async def request(node: ClusterNode, owner: str, link_id: str, message: dict[str, Any]) -> tuple[str | None, Inbox]:
+    """Ask ``owner`` to resume a session over ``link_id``: (None, what the
+    relay reads from) when it did, else (why not, in words for the log)."""
     out_key, _ = link_keys(node, link_id)
-    pumps = _Pumps(node, "", out_key)
-    receivers = await node._call(
-        lambda: node.redis.publish(node._control_channel(owner), _json.dumps_str(message))
-    )
-    if not receivers:
-        return "the node that held the session is gone", ""
-    got = await pumps.read("0-0", count=1)
-    if got is None or not got[1]:
-        return "the node that held the session did not answer", ""
-    last_id, (first,) = got
-    return (None, last_id) if "ok" in first else (first.get("refused", "refused"), "")
+    inbox = node.links.open(out_key)
+    try:
+        receivers = await node._call(
+            lambda: node.redis.publish(node._control_channel(owner), _json.dumps_str(message))
+        )
+        if not receivers:
+            return "the node that held the session is gone", inbox
+        first = await inbox.take(max(node.ttl, node.keeper.timeout))
+    except BaseException:
+        node.links.close(out_key)
+        raise
+    if not first:
+        node.links.close(out_key)
+        return "the node that held the session did not answer", inbox
+    if "ok" not in first[0]:
+        node.links.close(out_key)
+        return first[0].get("refused", "refused"), inbox
+    inbox.entries.extendleft(reversed(first[1:]))  # what came with the answer is the relay's
+    if inbox.entries:
+        inbox.arrived.set()
+    return None, inbox
 
 
-async def relay(node: ClusterNode, transport: Transport, link_id: str, after: str) -> None:
+async def relay(node: ClusterNode, transport: Transport, link_id: str, inbox: Inbox) -> None:
     """The relay's end: carry the client's frames to the owner and the
-    owner's events (those after the entry ``after``) to the client, until
-    either side ends."""
+    owner's events (read into ``inbox``) to the client, until either side ends."""
     out_key, in_key = link_keys(node, link_id)
-    pumps = _Pumps(node, in_key, out_key)
+    pumps = _Pumps(node, in_key, out_key, inbox)
     transport.on_stalled = transport.abort  # the owner keeps the session for a resume
     written = trio.Event()
 
@@ -235,13 +304,11 @@ async def relay(node: ClusterNode, transport: Transport, link_id: str, after: st
             written.set()
 
     async def to_client() -> None:
-        last_id = after
         while True:
-            got = await pumps.read(last_id)
-            if got is None:  # the owner is gone: the client will resume (and be told)
+            entries = await pumps.read()
+            if entries is None:  # the owner is gone: the client will resume (and be told)
                 transport.abort()
                 return
-            last_id, entries = got
             for entry in entries:
                 if "p" in entry:
                     transport.send([p.encode() for p in entry["p"].split("\n")])
@@ -271,4 +338,6 @@ async def relay(node: ClusterNode, transport: Transport, link_id: str, after: st
     except Exception as exc:  # Redis failed under the link: the client resumes again
         log.warning("relaying a resumed session failed: %r", exc)
         transport.abort()
+    finally:
+        pumps.close()
     await transport.aclose()

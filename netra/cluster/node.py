@@ -41,7 +41,7 @@ from ..errors import NetraError, NotFound, StoreError
 from ..runs import Ids
 from ._redis import as_text, redis_client
 from .leases import Lease, LeaseKeeper, SharedCapacityLimiter
-from .link import link_keys
+from .link import LinkReader, link_keys
 
 log = logging.getLogger("netra.cluster")
 
@@ -147,9 +147,12 @@ class ClusterNode:
     _forget_wakeup: trio.Event = attrs.field(factory=trio.Event, init=False)
     _register_script: Any = attrs.field(init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    #: Reads every link stream a side on this node reads, in one blocking read.
+    links: LinkReader = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._register_script = self.redis.register_script(_REGISTER)
+        self.links = LinkReader(self)
 
     @classmethod
     def from_url(cls, url: str, *, node_id: str, ttl: float, prefix: str = "netra:") -> ClusterNode:
@@ -288,6 +291,7 @@ class ClusterNode:
                         await self._heartbeat_once()
                         nursery.start_soon(self._heartbeat_forever)
                         nursery.start_soon(self._forget_forever)
+                        nursery.start_soon(self.links.run)
                         if self.sweep is not None:
                             nursery.start_soon(self._sweep_forever)
                         log.info("joined the cluster as %s", self.node_id)

@@ -211,6 +211,25 @@ async def test_a_cancel_on_one_node_reaches_the_run_on_another(cluster_config) -
                 assert refused.value.code == "not_found"
 
 
+async def test_a_message_id_is_accepted_once_across_nodes(cluster_config) -> None:
+    """A client that retries a message on another node (its connection
+    dropped and the balancer chose again) starts no second run."""
+    user = uid("u")
+    with trio.fail_after(TEST_TIMEOUT):
+        async with nodes(cluster_config) as (a, b):
+            async with connect(a.ws_url, token_for(a, user)) as on_a, connect(b.ws_url, token_for(b, user)) as on_b:
+                first = await on_a.collect("hello", id="m1")
+                thread = first[0].raw["thread_id"]
+                with pytest.raises(RunRefused) as refused:
+                    await on_b.collect("hello", id="m1")  # the retry of a thread-starting message
+                assert refused.value.code == "bad_request"
+                assert refused.value.raw["thread_id"] == thread
+                second = await on_b.collect("more", thread_id=thread, id="m2")
+                with pytest.raises(RunRefused):
+                    await on_a.collect("more", thread_id=thread, id="m2")
+                assert second[-1].type == "agent_completed"
+
+
 async def test_another_users_cancel_never_reaches_a_run(cluster_config) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         async with nodes(cluster_config) as (a, b):

@@ -43,7 +43,7 @@ class Config:
         validator=_check_workers,
     )
     allowed_origins: tuple[str, ...] = _doc(
-        "Origins allowed to open /ws besides the server's own; '*' allows any.",
+        "Origins allowed to open /ws and call /agui besides the server's own; '*' allows any.",
         default=(),
     )
 

@@ -21,6 +21,7 @@ from .auth import TokenVerifier, is_loopback
 from .config import Config
 from .limits import UserState
 from .flusher import Flusher
+from .mcp.servers import McpServers
 from .metrics import Metrics, count_tasks
 from .models.base import Model
 from .models.scripted import ScriptedModel
@@ -58,6 +59,8 @@ class Hub:
     store_ready: bool = True
     #: Hands every session's pending events to its transport once per scheduler pass.
     flusher: Flusher = attrs.field(factory=Flusher)
+    #: The MCP servers' connections and the tools they offer (see netra.mcp).
+    mcp: McpServers = attrs.field(factory=McpServers)
     # labelled metric children, each looked up once (see count_run)
     _runs_finished: dict[tuple[str, str], Any] = attrs.field(factory=dict, init=False)
     _tool_calls: dict[tuple[str, str], Any] = attrs.field(factory=dict, init=False)
@@ -73,10 +76,23 @@ class Hub:
         self.tool_limiters = {
             t.name: trio.CapacityLimiter(t.concurrency) for t in self.tools.values() if t.concurrency
         }
-        extra = (*self.shared_tools, *(t.name for t in chaos_tools())) if c.chaos_tools else self.shared_tools
-        self.agent_tools = {a.name: agent_tools(a, self.tools, extra) for a in self.agents}
-        self.agent_specs = {name: registry.specs() for name, registry in self.agent_tools.items()}
+        self.install_tools()
         self._wire_gauges()
+
+    def install_tools(self) -> None:
+        """Compute each agent's tools: its own and the shared ones, then those
+        of the MCP servers, which are known only once listed (at open, and
+        again when a server comes back with a different list). Runs already
+        going keep the tools they started with."""
+        shared = self.shared_tools
+        if self.config.chaos_tools:
+            shared = (*shared, *(t.name for t in chaos_tools()))
+        mcp = self.mcp
+        self.agent_tools = {
+            a.name: agent_tools(a, self.tools, shared, elsewhere=mcp.claims).merged(mcp.tools_for(a.name, a.tool_names()))
+            for a in self.agents
+        }
+        self.agent_specs = {name: registry.specs() for name, registry in self.agent_tools.items()}
 
     def _wire_gauges(self) -> None:
         """Gauges read at scrape time from the live objects (nothing to keep in sync)."""
@@ -147,19 +163,27 @@ class Hub:
         tools = [*builtin_tools(), *agents.inline_tools(), *extra_tools]
         if config.chaos_tools:
             tools.extend(chaos_tools())
+        registry = ToolRegistry(_dedupe(tools))
         return cls(
             config=config,
             verifier=TokenVerifier.from_config(config),
             agents=agents,
-            tools=ToolRegistry(_dedupe(tools)),
+            tools=registry,
             model=model or _model_from_config(config),
             store=store,
             shared_tools=tuple(t.name for t in extra_tools),
+            mcp=McpServers(config.mcp_servers, reserved=frozenset(registry)),
         )
 
-    async def open(self) -> None:
-        """Open what the hub holds that needs it (the store: connect, migrate)."""
+    async def open(self, nursery: trio.Nursery | None = None) -> None:
+        """Open what the hub holds that needs it: the store (connect, migrate)
+        and the MCP servers' connections, which live in ``nursery`` (the
+        server's services) and have all been tried when this returns."""
         await self.store.open()
+        if self.mcp.connections:
+            if nursery is None:
+                raise RuntimeError("MCP servers are configured: Hub.open needs the nursery their connections live in")
+            await nursery.start(self.mcp.run, self.install_tools)
 
     async def aclose(self) -> None:
         await self.store.aclose()

@@ -112,7 +112,7 @@ class Server:
         m.open_sockets.set_function(lambda: listener.open_connections)
         try:
             async with trio.open_nursery() as services:
-                await hub.open()
+                await hub.open(services)
                 await services.start(http.run_lifespan)
                 services.start_soon(hub.flusher.run)
                 services.start_soon(_watch_loop_lag, hub)

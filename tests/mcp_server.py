@@ -26,81 +26,79 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import anyio
-from pydantic import Field
-
-from mcp.server.mcpserver import MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
-
-server = MCPServer("netra-test")
+from pydantic import Field  # at the top: the tools' annotations are resolved here
 
 
-@server.tool()
-def add(a: int, b: int) -> int:
-    """Add two whole numbers."""
-    return a + b
+def build() -> Any:
+    """The server and its tools (built on demand: constructing an MCPServer
+    configures the root logger, which a test process that only imports the
+    helpers below must not get)."""
+    import anyio
+    from mcp.server.mcpserver import MCPServer
+    from mcp.server.mcpserver.exceptions import ToolError
+
+    server = MCPServer("netra-test")
+
+    @server.tool()
+    def add(a: int, b: int) -> int:
+        """Add two whole numbers."""
+        return a + b
+
+    @server.tool()
+    def echo(text: str, times: int = 1) -> str:
+        """Repeat a text."""
+        return text * times
+
+    @server.tool()
+    def fail(message: str) -> str:
+        """Always fails, with the message given."""
+        raise ToolError(message)
+
+    @server.tool()
+    async def hang(seconds: float = 3600.0) -> str:
+        """Sleep, then answer (hangs past any sensible timeout by default)."""
+        await anyio.sleep(seconds)
+        return "woke up"
+
+    @server.tool()
+    def pid() -> int:
+        """The server's process id (so a test can kill it)."""
+        return os.getpid()
+
+    @server.tool()
+    def crash() -> str:
+        """The server process exits in the middle of the call."""
+        os._exit(3)
+
+    @server.tool()
+    def big(size: int) -> str:
+        """A result of ``size`` characters."""
+        return "x" * size
+
+    @server.tool()
+    def pick(
+        count: Annotated[int, Field(ge=1, le=5, description="How many, 1 to 5.")],
+        colour: Literal["red", "green", "blue"],
+        note: Annotated[str, Field(max_length=10)] = "",
+    ) -> dict[str, object]:
+        """Choose a number of things of a colour (a schema with constraints)."""
+        return {"count": count, "colour": colour, "note": note}
+
+    @server.tool(name="lookup.city")
+    def lookup_city(city: str) -> str:
+        """Look a city up (a tool name with a dot in it)."""
+        return f"{city}: found"
+
+    @server.tool()
+    def environment(name: str) -> str:
+        """The value of one environment variable of the server process."""
+        return os.environ.get(name, "<unset>")
+
+    return server
 
 
-@server.tool()
-def echo(text: str, times: int = 1) -> str:
-    """Repeat a text."""
-    return text * times
-
-
-@server.tool()
-def fail(message: str) -> str:
-    """Always fails, with the message given."""
-    raise ToolError(message)
-
-
-@server.tool()
-async def hang(seconds: float = 3600.0) -> str:
-    """Sleep, then answer (hangs past any sensible timeout by default)."""
-    await anyio.sleep(seconds)
-    return "woke up"
-
-
-@server.tool()
-def pid() -> int:
-    """The server's process id (so a test can kill it)."""
-    return os.getpid()
-
-
-@server.tool()
-def crash() -> str:
-    """The server process exits in the middle of the call."""
-    os._exit(3)
-
-
-@server.tool()
-def big(size: int) -> str:
-    """A result of ``size`` characters."""
-    return "x" * size
-
-
-@server.tool()
-def pick(
-    count: Annotated[int, Field(ge=1, le=5, description="How many, 1 to 5.")],
-    colour: Literal["red", "green", "blue"],
-    note: Annotated[str, Field(max_length=10)] = "",
-) -> dict[str, object]:
-    """Choose a number of things of a colour (a schema with constraints)."""
-    return {"count": count, "colour": colour, "note": note}
-
-
-@server.tool(name="lookup.city")
-def lookup_city(city: str) -> str:
-    """Look a city up (a tool name with a dot in it)."""
-    return f"{city}: found"
-
-
-@server.tool()
-def environment(name: str) -> str:
-    """The value of one environment variable of the server process."""
-    return os.environ.get(name, "<unset>")
-
-
-def _serve_http(token: str | None, port: int) -> None:
+def _serve_http(server: Any, token: str | None, port: int) -> None:
+    import anyio
     import uvicorn
     from starlette.responses import JSONResponse
 
@@ -129,10 +127,11 @@ def main() -> None:
     parser.add_argument("--token")
     parser.add_argument("--port", type=int, default=0)
     options = parser.parse_args()
+    server = build()
     if options.transport == "stdio":
         server.run("stdio")
     else:
-        _serve_http(options.token, options.port)
+        _serve_http(server, options.token, options.port)
 
 
 # -- for the tests that start it ------------------------------------------------

@@ -49,7 +49,8 @@ async def call(conn: MemoryConnection, tool: str, args: str = "{}") -> dict[str,
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_runs_call_the_tools_of_an_mcp_server(transport):
+async def test_runs_call_the_tools_of_an_mcp_server(transport, monkeypatch):
+    monkeypatch.setenv("NETRA_MCP_TEST_SECRET", "netra's own")  # not for a stdio server's eyes
     with trio.fail_after(90):
         async with (
             mcp_entry(transport, timeout_s=2, env={"NETRA_MCP_TEST": "from netra"} if transport == "stdio" else {}) as entry,
@@ -89,8 +90,8 @@ async def test_runs_call_the_tools_of_an_mcp_server(transport):
                 if transport == "stdio":
                     done = await call(conn, "test__environment", '{"name": "NETRA_MCP_TEST"}')
                     assert done["result"] == {"result": "from netra"}
-                    done = await call(conn, "test__environment", '{"name": "NETRA_JWT_SECRET"}')
-                    assert done["result"] == {"result": "<unset>"}  # netra's secrets stay in netra
+                    done = await call(conn, "test__environment", '{"name": "NETRA_MCP_TEST_SECRET"}')
+                    assert done["result"] == {"result": "<unset>"}
 
                 # past the server's timeout_s (2 s): a failed call, and the session goes on
                 done = await call(conn, "test__hang", '{"seconds": 600}')

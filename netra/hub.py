@@ -89,7 +89,9 @@ class Hub:
             shared = (*shared, *(t.name for t in chaos_tools()))
         mcp = self.mcp
         self.agent_tools = {
-            a.name: agent_tools(a, self.tools, shared, elsewhere=mcp.claims).merged(mcp.tools_for(a.name, a.tool_names()))
+            a.name: agent_tools(a, self.tools, shared, elsewhere=mcp.claims).merged(
+                mcp.tools_for(a.name, a.tool_names())
+            )
             for a in self.agents
         }
         self.agent_specs = {name: registry.specs() for name, registry in self.agent_tools.items()}
@@ -105,6 +107,11 @@ class Hub:
         m.limiter_borrowed.labels("model").set_function(lambda: self.model_limiter.borrowed_tokens)
         for name, limiter in self.tool_limiters.items():
             m.limiter_borrowed.labels(f"tool:{name}").set_function(lambda lim=limiter: lim.borrowed_tokens)
+        for connection in self.mcp.connections:  # an MCP server's concurrency
+            if connection.limiter is not None:
+                m.limiter_borrowed.labels(f"mcp:{connection.name}").set_function(
+                    lambda lim=connection.limiter: lim.borrowed_tokens
+                )
         for kind in ("size", "in_use", "waiting", "waits_total"):
             m.store_pool.labels(kind).set_function(lambda k=kind: getattr(self.store.stats(), k))
 

@@ -184,7 +184,8 @@ async def test_servers_that_are_down_at_start_up_make_netra_not_ready_not_broken
                 assert ready.json()["mcp"]["gone"] == {"state": "down", "tools": 0}
                 assert (await http.get("/healthz")).status_code == 200
                 async with connect(server.ws_url, token_for(server, "bea")) as conn:
-                    events = [e async for e in conn.run("[[tool:gone__anything {}]] and [[tool:calculator {\"expression\": \"1+1\"}]]")]
+                    text = '[[tool:gone__anything {}]] and [[tool:calculator {"expression": "1+1"}]]'
+                    events = [e async for e in conn.run(text)]
                 assert events[-1].type == "agent_completed"
                 results = [e.raw for e in events if e.type == "tool_completed"]
                 assert "unknown tool" in results[0]["error"] and results[1].get("error") is None
@@ -204,7 +205,7 @@ async def test_a_websocket_run_calls_an_mcp_tool_end_to_end():
     gives all its tools only to another."""
     clerk = Agent(name="clerk", description="Adds up.", instructions="Add.", tools=("test.add", "calculator"))
     agents = AgentSet.of([clerk, builtin_agents()["assistant"]])
-    entry = {"command": stdio_command(), "agents": ["assistant"]}
+    entry = {"command": stdio_command(), "agents": ["assistant"], "concurrency": 2}
     with trio.fail_after(90):
         async with open_server(config_for_tests(mcp_servers={"test": entry}), agents=agents) as server:
             hub = server.hub
@@ -216,6 +217,7 @@ async def test_a_websocket_run_calls_an_mcp_tool_end_to_end():
             async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
                 ready = await http.get("/readyz")
                 assert ready.status_code == 200 and ready.json()["mcp"] == {"test": {"state": "ready", "tools": 10}}
+                assert 'netra_limiter_borrowed{limiter="mcp:test"} 0.0' in (await http.get("/metrics")).text
             async with connect(server.ws_url, token_for(server, "ann")) as conn:
                 events = [e async for e in conn.run('add [[tool:test__add {"a": 20, "b": 22}]]', agent="clerk")]
             types = [e.type for e in events]

@@ -42,7 +42,8 @@ def test_names_for_the_model_and_for_users():
     long = names["x" * 80]
     assert len(long) == 64 and _NAME_RE.match(long) and long.startswith("files__xxx")
     tool = _tool(name="lookup.city")
-    assert (tool.name, tool.label, tool.remote_name, tool.server) == ("srv__lookup_city", "srv.lookup.city", "lookup.city", "srv")
+    assert (tool.name, tool.label) == ("srv__lookup_city", "srv.lookup.city")
+    assert (tool.remote_name, tool.server) == ("lookup.city", "srv")
     assert tool.spec().name == "srv__lookup_city" and tool.timeout_s == 5.0
 
 
@@ -112,7 +113,8 @@ def test_a_tool_with_a_broken_schema_is_left_out_with_a_warning(caplog):
 
 async def test_invoking_calls_the_server_by_its_own_name():
     tool = _tool(name="lookup.city")
-    assert await tool.invoke({"count": 1, "colour": "red"}) == {"called": "lookup.city", "with": {"count": 1, "colour": "red"}}
+    args = {"count": 1, "colour": "red"}
+    assert await tool.invoke(args) == {"called": "lookup.city", "with": args}
     # the schema the model is shown is the server's, copied
     spec = tool.spec()
     spec.parameters["properties"].clear()

@@ -85,7 +85,9 @@ def parse_mcp_servers(value: Any) -> tuple[McpServerConfig, ...]:
         try:
             value = json.loads(value)
         except ValueError as exc:
-            raise ValueError(f"mcp_servers: expected a JSON object of servers by name, got invalid JSON ({exc})") from None
+            raise ValueError(
+                f"mcp_servers: expected a JSON object of servers by name, got invalid JSON ({exc})"
+            ) from None
     if not isinstance(value, Mapping):
         raise ValueError(f"mcp_servers: expected a table of servers by name, got {_kind(value)}")
     return tuple(_server(name, entry) for name, entry in value.items())
@@ -127,7 +129,7 @@ def _server(name: Any, entry: Any) -> McpServerConfig:
         raise ValueError(f"{where}.cwd: expected the folder (a string) a command runs in")
     agents = entry.get("agents")
     if agents is not None:
-        if isinstance(agents, str) or not isinstance(agents, list | tuple) or not all(isinstance(a, str) for a in agents):
+        if not isinstance(agents, list | tuple) or not all(isinstance(a, str) for a in agents):
             raise ValueError(f"{where}.agents: expected a list of agent names, got {_kind(agents)}")
         agents = tuple(agents)
     return McpServerConfig(

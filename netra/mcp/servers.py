@@ -71,7 +71,9 @@ class McpServers:
                                     extra={"mcp_server": config.name})  # fmt: skip
         return chosen
 
-    async def run(self, on_change: Callable[[], None], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, on_change: Callable[[], None], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Keep every server's connection until cancelled; started once each
         has been tried (within its ``connect_timeout_s``)."""
         self._on_change = on_change

@@ -105,7 +105,9 @@ def make_tools(
     return tools
 
 
-def model_names(server: str, tools: Iterable[str], *, taken: Callable[[str], bool] = lambda name: False) -> dict[str, str]:
+def model_names(
+    server: str, tools: Iterable[str], *, taken: Callable[[str], bool] = lambda name: False
+) -> dict[str, str]:
     """Each tool's name for the model (see the module docstring)."""
     tools = list(dict.fromkeys(tools))
     plain = {t: _REFUSED.sub("_", f"{server}__{t}") for t in tools}
@@ -154,7 +156,8 @@ def _describe(error: Any) -> list[str]:
     instance, schema = error.instance, error.schema if isinstance(error.schema, Mapping) else {}
     match error.validator:
         case "required" if isinstance(instance, dict):
-            return [f"missing required argument '{_path([*path, k])}'" for k in error.validator_value if k not in instance]
+            missing = [k for k in error.validator_value if k not in instance]
+            return [f"missing required argument '{_path([*path, k])}'" for k in missing]
         case "additionalProperties" if isinstance(instance, dict) and error.validator_value is False:
             known = list(schema.get("properties", {}))
             patterns = list(schema.get("patternProperties", {}))

@@ -171,6 +171,8 @@ class Hub:
         if config.chaos_tools:
             tools.extend(chaos_tools())
         registry = ToolRegistry(_dedupe(tools))
+        mcp = McpServers(config.mcp_servers, reserved=frozenset(registry))
+        mcp.check_agents(a.name for a in agents)
         return cls(
             config=config,
             verifier=TokenVerifier.from_config(config),
@@ -179,7 +181,7 @@ class Hub:
             model=model or _model_from_config(config),
             store=store,
             shared_tools=tuple(t.name for t in extra_tools),
-            mcp=McpServers(config.mcp_servers, reserved=frozenset(registry)),
+            mcp=mcp,
         )
 
     async def open(self, nursery: trio.Nursery | None = None) -> None:

@@ -20,6 +20,7 @@ import trio
 
 from netra.agents import Agent, AgentSet, builtin_agents
 from netra.client import connect
+from netra.hub import Hub
 from netra.testing import MemoryConnection, config_for_tests, open_hub, open_server, token_for
 from tests.mcp_server import http_server, stdio_command
 
@@ -227,3 +228,9 @@ async def test_a_websocket_run_calls_an_mcp_tool_end_to_end():
             assert executing["tool"] == done["tool"] == "test.add"
             assert done["result"] == {"result": 42} and done.get("error") is None
             assert "42" in "".join(e.raw.get("delta", "") for e in events if e.type == "text_delta")
+
+
+def test_a_server_given_to_an_agent_that_does_not_exist_is_refused_at_build():
+    config = config_for_tests(mcp_servers={"test": {"command": "srv", "agents": ["assistant", "asistant"]}})
+    with pytest.raises(ValueError, match=r"mcp_servers\.test\.agents: no agent named asistant"):
+        Hub.build(config)

@@ -50,6 +50,18 @@ class McpServers:
     def __attrs_post_init__(self) -> None:
         self.connections = tuple(McpConnection(c, self.opener, self._listed) for c in self.configs)
 
+    def check_agents(self, agents: Iterable[str]) -> None:
+        """Refuse a server whose ``agents`` names an agent that does not exist
+        (a typo would quietly give its tools to no one)."""
+        known = set(agents)
+        for config in self.configs:
+            unknown = [a for a in config.agents or () if a not in known]
+            if unknown:
+                raise ValueError(
+                    f"mcp_servers.{config.name}.agents: no agent named {', '.join(unknown)} "
+                    f"(the agents: {', '.join(sorted(known))})"
+                )
+
     def claims(self, name: str) -> bool:
         """Whether ``name`` (in an agent's tools) means an MCP tool: ``server.tool`` or ``server.*``."""
         server, dot, tool = name.partition(".")

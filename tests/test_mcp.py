@@ -7,6 +7,7 @@ and one run over a WebSocket with the client library."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ import trio
 from netra.agents import Agent, AgentSet, builtin_agents
 from netra.client import connect
 from netra.hub import Hub
+from netra.logs import JsonFormatter
 from netra.testing import MemoryConnection, config_for_tests, open_hub, open_server, token_for
 from tests.mcp_server import http_server, stdio_command
 
@@ -234,3 +236,14 @@ def test_a_server_given_to_an_agent_that_does_not_exist_is_refused_at_build():
     config = config_for_tests(mcp_servers={"test": {"command": "srv", "agents": ["assistant", "asistant"]}})
     with pytest.raises(ValueError, match=r"mcp_servers\.test\.agents: no agent named asistant"):
         Hub.build(config)
+
+
+async def test_a_stdio_server_stderr_becomes_netra_log_lines(caplog):
+    command = ["python3", "-c", "import sys; print('first words', file=sys.stderr); print('last', file=sys.stderr)"]
+    config = config_for_tests(mcp_servers={"noisy": {"command": command, "connect_timeout_s": 20}})
+    with trio.fail_after(30), caplog.at_level(logging.INFO, logger="netra.mcp"):
+        async with open_hub(config) as served:
+            assert served.hub.mcp.connections[0].state == "down"  # it exited: no MCP here
+    lines = [r for r in caplog.records if getattr(r, "mcp_server", None) == "noisy"]
+    assert [r.getMessage() for r in lines][:2] == ["first words", "last"]
+    assert '"mcp_server": "noisy"' in JsonFormatter().format(lines[0])

@@ -52,6 +52,8 @@ log = logging.getLogger("netra.mcp")
 #: Pages of a tool listing read at most (a server that paginates forever cannot hang start-up).
 _MAX_PAGES = 100
 _MAX_STDERR_LINE = 2000
+#: How long a closing session waits for the server's last stderr lines.
+_STDERR_DRAIN_S = 1.0
 
 
 @attrs.define(eq=False)
@@ -121,14 +123,13 @@ async def open_session(config: McpServerConfig) -> AsyncIterator[SdkSession]:
 async def _stderr_to_log(config: McpServerConfig, stack: AsyncExitStack) -> Any:
     """A pipe for the server's stderr whose lines go to netra's log (one JSON
     line each, with ``mcp_server``), so a chatty server cannot break the log
-    format. The reader stops at EOF, or when the session closes."""
+    format. When the session closes, the reader gets a moment to log what
+    the server wrote last (why it failed, often)."""
     read_fd, write_fd = os.pipe()
     errlog = os.fdopen(write_fd, "w")
     stack.callback(errlog.close)
     stream = trio.lowlevel.FdStream(read_fd)
-    nursery = await stack.enter_async_context(trio.open_nursery())
-    stack.callback(nursery.cancel_scope.cancel)  # runs before the nursery exits, after the client's exit
-    stack.push_async_callback(stream.aclose)
+    finished = trio.Event()
 
     async def read() -> None:
         buffer = b""
@@ -139,10 +140,24 @@ async def _stderr_to_log(config: McpServerConfig, stack: AsyncExitStack) -> Any:
                 for line in lines:
                     if line.strip():
                         text = line[:_MAX_STDERR_LINE].decode("utf-8", "replace").rstrip()
-                        log.info("%s", text, extra={"mcp_server": config.name, "stream": "stderr"})
+                        log.info("%s", text, extra={"mcp_server": config.name})
         except (OSError, trio.ClosedResourceError):
             pass
+        finally:
+            stream.close()
+            finished.set()
 
+    nursery = await stack.enter_async_context(trio.open_nursery())
+
+    async def finish() -> None:
+        errlog.close()  # EOF, once the server (and anything it started) is gone
+        try:
+            with trio.move_on_after(_STDERR_DRAIN_S):
+                await finished.wait()
+        finally:
+            nursery.cancel_scope.cancel()
+
+    stack.push_async_callback(finish)
     nursery.start_soon(read)
     return errlog
 

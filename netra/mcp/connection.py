@@ -157,15 +157,15 @@ class McpConnection:
     async def call(self, name: str, arguments: dict[str, Any]) -> Any:
         """Call tool ``name``; its result as JSON. Raises ToolError (the tool
         failed) or McpUnavailable (no connection, or it broke meanwhile)."""
+        if self.limiter is None:
+            return await self._call(name, arguments)
+        async with self.limiter:
+            return await self._call(name, arguments)
+
+    async def _call(self, name: str, arguments: dict[str, Any]) -> Any:
         session = self._session if self.state == "ready" else None
         if session is None:
             session = await self._wait_for_session()
-        if self.limiter is None:
-            return await self._call(session, name, arguments)
-        async with self.limiter:
-            return await self._call(session, name, arguments)
-
-    async def _call(self, session: Session, name: str, arguments: dict[str, Any]) -> Any:
         try:
             return await session.call_tool(name, arguments)
         except McpUnavailable as exc:

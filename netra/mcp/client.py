@@ -12,7 +12,7 @@ The SDK is built on anyio and runs under trio as it is, stdio and HTTP
 alike, cancellation included. One thing needs care: when a streamable-HTTP
 server drops a request mid-way, the SDK's transport task group fails, and
 ``Client``'s exit raises an exception group that holds the transport error
-*and* a ``trio.Cancelled`` from that task group. So failures are told apart
+and may also hold a ``trio.Cancelled`` from that task group. So failures are told apart
 from cancellation by splitting the group (:func:`_failure`), never with
 ``except Exception``; and a Cancelled swallowed that way is harmless, since
 trio's cancellation is level-triggered and fires again at the next
@@ -38,7 +38,6 @@ import pydantic
 import trio
 from mcp import Client, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
 from .. import __version__
@@ -52,6 +51,9 @@ log = logging.getLogger("netra.mcp")
 #: Pages of a tool listing read at most (a server that paginates forever cannot hang start-up).
 _MAX_PAGES = 100
 _MAX_STDERR_LINE = 2000
+#: An HTTP read's limit, the SDK's default: a server may hold a stream open
+#: (netra's call timeouts bound the calls themselves).
+_HTTP_READ_TIMEOUT_S = 300.0
 #: How long a closing session waits for the server's last stderr lines.
 _STDERR_DRAIN_S = 1.0
 
@@ -98,7 +100,9 @@ async def open_session(config: McpServerConfig) -> AsyncIterator[SdkSession]:
     try:
         async with AsyncExitStack() as stack:
             if config.url is not None:
-                http = await stack.enter_async_context(create_mcp_http_client(headers=dict(config.headers)))
+                timeout = httpx2.Timeout(30.0, connect=config.connect_timeout_s, read=_HTTP_READ_TIMEOUT_S)
+                http = httpx2.AsyncClient(headers=dict(config.headers), timeout=timeout)
+                await stack.enter_async_context(http)
                 target: Any = streamable_http_client(config.url, http_client=http)
                 errlog = None
             else:

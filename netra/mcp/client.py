@@ -36,9 +36,8 @@ import httpx2
 import mcp_types
 import pydantic
 import trio
-from mcp import Client, StdioServerParameters, stdio_client
+from mcp import Client, MCPError, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.exceptions import MCPError
 
 from .. import __version__
 from ..errors import ToolError

@@ -19,10 +19,13 @@ from typing import Any
 
 import attrs
 
+from .mcp.config import McpServerConfig, parse_mcp_servers
 
-def _doc(text: str, **kwargs: Any) -> Any:
-    """An attrs field with its documentation attached (rendered in the README)."""
-    return attrs.field(metadata={"doc": text}, **kwargs)
+
+def _doc(text: str, parse: Any = None, **kwargs: Any) -> Any:
+    """An attrs field with its documentation attached (rendered in the README),
+    and, for a value that is more than a scalar or a list, how to parse it."""
+    return attrs.field(metadata={"doc": text, "parse": parse}, **kwargs)
 
 
 def _check_workers(_config: Any, _field: Any, value: str) -> None:
@@ -158,6 +161,13 @@ class Config:
     scripted_delay_ms: float = _doc("Scripted model: delay per streamed chunk.", default=0.0)
     chaos_tools: bool = _doc("Register the fault-injection tools (fail, hang, sleep, big).", default=False)
     agents: str | None = _doc("Agent set to load, as package.module:attribute.", default=None)
+    mcp_servers: tuple[McpServerConfig, ...] = _doc(
+        "MCP servers whose tools agents may call (see docs/mcp.md): a JSON object by server name, or "
+        "`[mcp_servers.NAME]` tables in the TOML file, each with `command` (stdio) or `url` (streamable HTTP).",
+        parse=parse_mcp_servers,
+        default=(),
+        converter=parse_mcp_servers,
+    )
     openai_base_url: str = _doc("OpenAI-compatible API base URL.", default="https://api.openai.com/v1")
     openai_api_key: str | None = _doc("API key for the OpenAI-compatible provider.", default=None, repr=False)
     openai_model: str = _doc("Model name for the OpenAI-compatible provider.", default="gpt-4o-mini")
@@ -262,6 +272,9 @@ _TYPES = typing.get_type_hints(Config)
 
 def _coerce(field: attrs.Attribute, value: Any) -> Any:
     """Convert a TOML or environment value to the field's declared type."""
+    parse = field.metadata.get("parse")
+    if parse is not None:
+        return parse(value)
     kind = _TYPES[field.name]
     args = typing.get_args(kind)
     if isinstance(kind, types.UnionType) and type(None) in args:

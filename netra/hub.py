@@ -22,6 +22,7 @@ from .cluster.node import ClusterNode, NodeCounts
 from .config import Config
 from .limits import UserState
 from .flusher import Flusher
+from .mcp.servers import McpServers
 from .metrics import Metrics, count_tasks
 from .models.base import Model
 from .models.scripted import ScriptedModel
@@ -65,6 +66,8 @@ class Hub:
     store_ready: bool = True
     #: Hands every session's pending events to its transport once per scheduler pass.
     flusher: Flusher = attrs.field(factory=Flusher)
+    #: The MCP servers' connections and the tools they offer (see netra.mcp).
+    mcp: McpServers = attrs.field(factory=McpServers)
     # labelled metric children, each looked up once (see count_run)
     _runs_finished: dict[tuple[str, str], Any] = attrs.field(factory=dict, init=False)
     _tool_calls: dict[tuple[str, str], Any] = attrs.field(factory=dict, init=False)
@@ -83,9 +86,7 @@ class Hub:
         self.model_gate, self.tool_gates = self.model_limiter, dict(self.tool_limiters)
         if self.cluster is not None:
             self._join(self.cluster)
-        extra = (*self.shared_tools, *(t.name for t in chaos_tools())) if c.chaos_tools else self.shared_tools
-        self.agent_tools = {a.name: agent_tools(a, self.tools, extra) for a in self.agents}
-        self.agent_specs = {name: registry.specs() for name, registry in self.agent_tools.items()}
+        self.install_tools()
         self._wire_gauges()
 
     def _join(self, cluster: ClusterNode) -> None:
@@ -133,6 +134,23 @@ class Hub:
             runs_queued=self.queued_runs,
         )
 
+    def install_tools(self) -> None:
+        """Compute each agent's tools: its own and the shared ones, then those
+        of the MCP servers, which are known only once listed (at open, and
+        again when a server comes back with a different list). Runs already
+        going keep the tools they started with."""
+        shared = self.shared_tools
+        if self.config.chaos_tools:
+            shared = (*shared, *(t.name for t in chaos_tools()))
+        mcp = self.mcp
+        self.agent_tools = {
+            a.name: agent_tools(a, self.tools, shared, elsewhere=mcp.claims).merged(
+                mcp.tools_for(a.name, a.tool_names())
+            )
+            for a in self.agents
+        }
+        self.agent_specs = {name: registry.specs() for name, registry in self.agent_tools.items()}
+
     def _wire_gauges(self) -> None:
         """Gauges read at scrape time from the live objects (nothing to keep in sync)."""
         m = self.metrics
@@ -149,6 +167,11 @@ class Hub:
             for kind in ("nodes", "connections", "runs_active", "runs_queued"):
                 m.cluster.labels(kind).set_function(lambda k=kind: getattr(cluster.cluster, k))
             m.cluster_leases_lost.set_function(lambda: cluster.keeper.leases_lost)
+        for connection in self.mcp.connections:  # an MCP server's concurrency
+            if connection.limiter is not None:
+                m.limiter_borrowed.labels(f"mcp:{connection.name}").set_function(
+                    lambda lim=connection.limiter: lim.borrowed_tokens
+                )
         for kind in ("size", "in_use", "waiting", "waits_total"):
             m.store_pool.labels(kind).set_function(lambda k=kind: getattr(self.store.stats(), k))
 
@@ -214,20 +237,30 @@ class Hub:
         tools = [*builtin_tools(), *agents.inline_tools(), *extra_tools]
         if config.chaos_tools:
             tools.extend(chaos_tools())
+        registry = ToolRegistry(_dedupe(tools))
+        mcp = McpServers(config.mcp_servers, reserved=frozenset(registry))
+        mcp.check_agents(a.name for a in agents)
         return cls(
             config=config,
             verifier=TokenVerifier.from_config(config),
             agents=agents,
-            tools=ToolRegistry(_dedupe(tools)),
+            tools=registry,
             model=model or _model_from_config(config),
             store=store,
             cluster=cluster,
             shared_tools=tuple(t.name for t in extra_tools),
+            mcp=mcp,
         )
 
-    async def open(self) -> None:
-        """Open what the hub holds that needs it (the store: connect, migrate)."""
+    async def open(self, nursery: trio.Nursery | None = None) -> None:
+        """Open what the hub holds that needs it: the store (connect, migrate)
+        and the MCP servers' connections, which live in ``nursery`` (the
+        server's services) and have all been tried when this returns."""
         await self.store.open()
+        if self.mcp.connections:
+            if nursery is None:
+                raise RuntimeError("MCP servers are configured: Hub.open needs the nursery their connections live in")
+            await nursery.start(self.mcp.run, self.install_tools)
 
     async def aclose(self) -> None:
         await self.store.aclose()

@@ -14,7 +14,7 @@ import sys
 import time
 
 _JWT = re.compile(r"eyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]*")
-_CONTEXT = ("connection_id", "user_id", "run_id", "thread_id", "code", "connections")
+_CONTEXT = ("connection_id", "user_id", "run_id", "thread_id", "code", "connections", "mcp_server")
 
 
 class JsonFormatter(logging.Formatter):

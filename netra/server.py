@@ -112,7 +112,7 @@ class Server:
         m.open_sockets.set_function(lambda: listener.open_connections)
         try:
             async with trio.open_nursery() as services:
-                await hub.open()
+                await hub.open(services)
                 if hub.cluster is not None:
                     await services.start(hub.cluster.run)
                 await services.start(http.run_lifespan)

@@ -109,9 +109,9 @@ async def open_hub(config: Config | None = None, **build: Any) -> AsyncIterator[
     over the in-memory transport. Nothing listens; everything is trio
     primitives, so tests run under the autojump clock."""
     hub = Hub.build(config or config_for_tests(), **build)
-    await hub.open()
     try:
         async with trio.open_nursery() as nursery:
+            await hub.open(nursery)
             nursery.start_soon(hub.flusher.run)
             try:
                 yield MemoryServer(hub, nursery)

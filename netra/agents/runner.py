@@ -211,6 +211,7 @@ class AgentLoop:
         """Run one tool call. Never raises (but for cancellation): every
         failure becomes a failed result, for the model and the client alike."""
         tool = self.tools.get(call.name)
+        shown = (tool.label or call.name) if tool is not None else call.name  # what users see
         args: dict[str, Any] = {}
         error: str | None = None
         result: Any = None
@@ -222,7 +223,7 @@ class AgentLoop:
             args = {"_raw": call.arguments[:1000]}
         self.emit(
             ToolExecuting(
-                run_id=self.run_id, thread_id=self.thread_id, tool_call_id=call.id, tool=call.name, args=args
+                run_id=self.run_id, thread_id=self.thread_id, tool_call_id=call.id, tool=shown, args=args
             )
         )
         started = time.monotonic()
@@ -243,12 +244,12 @@ class AgentLoop:
         except trio.Cancelled:
             # the run is being cancelled: the call still gets its tool_completed
             # (bounded: on a gone or stuck connection the event is dropped)
-            record = self._record(call, args, None, "cancelled", started)
+            record = self._record(call, shown, args, None, "cancelled", started)
             self.tool_calls.append(record)
             self.on_tool_call(record, "cancelled")
             self.emit(self._completed(call, record))
             raise
-        record = self._record(call, args, result, error, started)
+        record = self._record(call, shown, args, result, error, started)
         self.tool_calls.append(record)
         self.on_tool_call(record, outcome)
         self.emit(self._completed(call, record))
@@ -281,19 +282,19 @@ class AgentLoop:
             run_id=self.run_id,
             thread_id=self.thread_id,
             tool_call_id=call.id,
-            tool=call.name,
+            tool=record.name,
             duration_ms=record.duration_ms,
             result=record.result,
             error=record.error,
         )
 
     def _record(
-        self, call: ToolCallRequest, args: dict[str, Any], result: Any, error: str | None, started: float
+        self, call: ToolCallRequest, name: str, args: dict[str, Any], result: Any, error: str | None, started: float
     ) -> ToolCallRecord:
         return ToolCallRecord(
             id=call.id,
             run_id=self.run_id,
-            name=call.name,
+            name=name,
             args=args,
             result=result,
             error=error,
@@ -314,9 +315,17 @@ def _bounded(result: Any, limit: int) -> Any:
     return {"truncated": True, "bytes": len(data), "preview": text[: min(limit, 4096)]}
 
 
-def agent_tools(agent: Agent, registry: ToolRegistry, extra: tuple[str, ...] = ()) -> ToolRegistry:
-    """The tools one agent may call: its own plus ``extra`` (e.g. chaos tools)."""
-    names = dict.fromkeys((*agent.tool_names(), *extra))
+def agent_tools(
+    agent: Agent,
+    registry: ToolRegistry,
+    extra: tuple[str, ...] = (),
+    *,
+    elsewhere: Callable[[str], bool] = lambda name: False,
+) -> ToolRegistry:
+    """The tools one agent may call: its own plus ``extra`` (e.g. chaos tools).
+    Names ``elsewhere`` claims are left to another source (``server.tool``:
+    the MCP servers', listed only once the server runs)."""
+    names = dict.fromkeys(n for n in (*agent.tool_names(), *extra) if not elsewhere(n))
     missing = [n for n in names if n not in registry]
     if missing:
         raise ValueError(f"agent {agent.name!r} names unknown tools: {', '.join(missing)}")

@@ -96,6 +96,9 @@ class Tool:
     #: runs in a worker thread; a quick, bounded one (False) runs inline, saving
     #: the thread round trip. Ignored for async functions.
     blocking: bool = True
+    #: What users are shown for this tool (events, stored calls, metrics) when
+    #: it differs from the name the model uses (an MCP tool's ``server.tool``).
+    label: str | None = None
 
     def spec(self) -> ToolSpec:
         """What the model is told. The schema is copied so that a provider

@@ -47,7 +47,11 @@ def create_app(hub: Hub) -> QuartTrio:
                     await hub.store.ping()
             except (NetraError, trio.TooSlowError):
                 problems.append("store unavailable")
+        if hub.mcp.connections:
+            problems.extend(await hub.mcp.problems(timeout_s=2))
         body = {"ready": not problems, "problems": problems, **hub.snapshot()}
+        if hub.mcp.connections:
+            body["mcp"] = hub.mcp.states()
         return jsonify(body), (503 if problems else 200)
 
     @app.get("/metrics")

@@ -22,9 +22,12 @@ SUBPROTOCOL: Final = "netra.v1"
 
 Multitask = Literal["reject", "enqueue", "interrupt"]
 CancelReason = Literal["client", "interrupted", "disconnect", "shutdown", "timeout"]
+Decision = Literal["approve", "deny"]
 
 _MULTITASK: Final = ("reject", "enqueue", "interrupt")
 _MAX_ID_CHARS: Final = 128
+#: Longest ``reason`` of a tool_decision: a sentence for the model, not a document.
+_MAX_REASON_CHARS: Final = 1000
 
 
 # --------------------------------------------------------------------------
@@ -73,7 +76,21 @@ class Resume:
     id: str | None = None
 
 
-ClientMessage = Auth | UserMessage | Cancel | Ping | Resume
+@attrs.frozen(kw_only=True)
+class ToolDecision:
+    """The user's answer to an ``approval_required``: run the call (with
+    ``args`` in place of the model's, when given) or refuse it."""
+
+    type: ClassVar[Literal["tool_decision"]] = "tool_decision"
+    run_id: str
+    tool_call_id: str
+    decision: Decision
+    args: dict[str, Any] | None = None
+    reason: str | None = None
+    id: str | None = None
+
+
+ClientMessage = Auth | UserMessage | Cancel | Ping | Resume | ToolDecision
 
 
 def _opt_str(obj: dict[str, Any], key: str, *, ref: str | None, limit: int = _MAX_ID_CHARS) -> str | None:
@@ -145,8 +162,33 @@ def parse_client_message(
             if type(last_seq) is not int or not 0 <= last_seq < 1 << 53:
                 raise BadRequest("'resume' needs 'last_seq', a whole number from 0", ref=ref)
             return Resume(session_id=session_id, resume_token=token, last_seq=last_seq, id=msg_id)
+        case "tool_decision":
+            return _tool_decision(obj, msg_id, ref)
         case _:
             raise UnknownType(f"unknown message type {kind[:40]!r}", ref=ref)
+
+
+def _tool_decision(obj: dict[str, Any], msg_id: str | None, ref: str | None) -> ToolDecision:
+    run_id = _opt_str(obj, "run_id", ref=ref)
+    tool_call_id = _opt_str(obj, "tool_call_id", ref=ref)
+    if run_id is None or tool_call_id is None:
+        raise BadRequest("'tool_decision' needs 'run_id' and 'tool_call_id' strings", ref=ref)
+    decision = obj.get("decision")
+    if decision not in ("approve", "deny"):
+        raise BadRequest("'decision' must be approve or deny", ref=ref)
+    args = obj.get("args")
+    if args is not None:
+        if not isinstance(args, dict):
+            raise BadRequest("'args' must be a JSON object of the tool's arguments", ref=ref)
+        if decision == "deny":
+            raise BadRequest("'args' goes with approve only: a denied call does not run", ref=ref)
+    reason = obj.get("reason")
+    if reason is not None and (not isinstance(reason, str) or len(reason) > _MAX_REASON_CHARS):
+        raise BadRequest(f"'reason' must be a string of at most {_MAX_REASON_CHARS} characters", ref=ref)
+    return ToolDecision(
+        run_id=run_id, tool_call_id=tool_call_id, decision=decision, args=args,
+        reason=(reason.strip() or None) if reason is not None else None, id=msg_id,
+    )
 
 
 # --------------------------------------------------------------------------
@@ -167,6 +209,7 @@ EventType = Literal[
     "pong",
     "resumed",
     "resync_required",
+    "approval_required",
 ]
 
 #: The events that end a run. Exactly one per run, and nothing after it.
@@ -243,6 +286,20 @@ class ToolCompleted(RunEvent):
         else:
             del out["result"]
         return out
+
+
+@attrs.frozen(kw_only=True)
+class ApprovalRequired(RunEvent):
+    """The run waits for the user to approve (or deny) this tool call, until
+    ``expires_at_ms`` (epoch ms); then it is denied with reason ``timeout``.
+    Its ``tool_executing`` comes after the decision, with the arguments the
+    call runs with."""
+
+    type: ClassVar[Literal["approval_required"]] = "approval_required"
+    tool_call_id: str
+    tool: str
+    args: dict[str, Any]
+    expires_at_ms: int
 
 
 @attrs.frozen(kw_only=True)
@@ -326,6 +383,7 @@ Event = (
     | AgentThinking
     | ToolExecuting
     | ToolCompleted
+    | ApprovalRequired
     | TextDelta
     | AgentCompleted
     | AgentError
@@ -379,7 +437,7 @@ def error_event(exc: Exception, *, ref: str | None = None) -> Error:
 _EVENT_CLASSES: Final[dict[str, type]] = {
     cls.type: cls
     for cls in (
-        Connected, RunQueued, AgentStarted, AgentThinking, ToolExecuting, ToolCompleted,
+        Connected, RunQueued, AgentStarted, AgentThinking, ToolExecuting, ToolCompleted, ApprovalRequired,
         TextDelta, AgentCompleted, AgentError, AgentCancelled, Error, Pong, Resumed, ResyncRequired,
     )
 }

@@ -6,11 +6,14 @@ import json
 import typing
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from netra import errors, protocol
 from netra.errors import BadRequest, TooLarge, UnknownType
 from netra.protocol import (
     AgentCompleted,
+    ApprovalRequired,
     Pong,
     ToolCompleted,
     decode_event,
@@ -24,7 +27,7 @@ def test_wire_names_are_permanent():
     assert set(typing.get_args(protocol.EventType)) == {
         "connected", "run_queued", "agent_started", "agent_thinking", "tool_executing",
         "tool_completed", "text_delta", "agent_completed", "agent_error", "agent_cancelled",
-        "error", "pong", "resumed", "resync_required",
+        "error", "pong", "resumed", "resync_required", "approval_required",
     }
     assert set(typing.get_args(protocol.CancelReason)) == {
         "client", "interrupted", "disconnect", "shutdown", "timeout",
@@ -107,3 +110,101 @@ def test_pong_always_has_an_id():
 def test_unknown_events_decode_without_failing():
     received = decode_event('{"type": "from_the_future", "seq": 3, "ts": 1, "x": 1}')
     assert received.event is None and received.type == "from_the_future" and received.seq == 3
+
+
+# -- tool approval ---------------------------------------------------------------
+
+
+def test_parse_tool_decision():
+    approve = parse_client_message(json.dumps({
+        "type": "tool_decision", "run_id": "r", "tool_call_id": "c", "decision": "approve",
+        "args": {"amount": 3}, "id": "d-1",
+    }))
+    assert approve == protocol.ToolDecision(run_id="r", tool_call_id="c", decision="approve", args={"amount": 3}, id="d-1")
+    deny = parse_client_message(json.dumps({
+        "type": "tool_decision", "run_id": "r", "tool_call_id": "c", "decision": "deny", "reason": "  not now "
+    }))
+    assert (deny.decision, deny.args, deny.reason) == ("deny", None, "not now")
+    blank = parse_client_message(json.dumps({
+        "type": "tool_decision", "run_id": "r", "tool_call_id": "c", "decision": "deny", "reason": " "
+    }))
+    assert blank.reason is None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"tool_call_id": "c", "decision": "approve"},
+        {"run_id": "r", "decision": "approve"},
+        {"run_id": "r", "tool_call_id": "c"},
+        {"run_id": "r", "tool_call_id": "c", "decision": "yes"},
+        {"run_id": "r", "tool_call_id": "c", "decision": "approve", "args": [1]},
+        {"run_id": "r", "tool_call_id": "c", "decision": "deny", "args": {"a": 1}},
+        {"run_id": "r", "tool_call_id": "c", "decision": "deny", "reason": 5},
+        {"run_id": "r", "tool_call_id": "c", "decision": "deny", "reason": "x" * 1001},
+        {"run_id": "", "tool_call_id": "c", "decision": "deny"},
+        {"run_id": "r", "tool_call_id": "c" * 129, "decision": "deny"},
+    ],
+)
+def test_malformed_tool_decisions_are_bad_requests(fields):
+    with pytest.raises(BadRequest) as caught:
+        parse_client_message(json.dumps({"type": "tool_decision", "id": "d", **fields}))
+    event = error_event(caught.value)
+    assert event.code == "bad_request" and event.ref == "d" and event.message
+
+
+def test_approval_required_encodes_and_decodes():
+    event = ApprovalRequired(run_id="r", thread_id="t", tool_call_id="c", tool="transfer",
+                             args={"amount": 3}, expires_at_ms=1_700_000_300_000)
+    raw = json.loads(encode_event(event, seq=4, ts=1_700_000_000_000))
+    assert raw == {"type": "approval_required", "seq": 4, "ts": 1_700_000_000_000, "run_id": "r",
+                   "thread_id": "t", "tool_call_id": "c", "tool": "transfer", "args": {"amount": 3},
+                   "expires_at_ms": 1_700_000_300_000}
+    assert decode_event(json.dumps(raw)).event == event
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=10,
+)
+_ids = st.text(min_size=1, max_size=130)
+_decision_fields = {
+    "run_id": _ids | _json_values,
+    "tool_call_id": _ids | _json_values,
+    "decision": st.sampled_from(["approve", "deny", "Approve", "", None, 1]),
+    "args": st.dictionaries(st.text(max_size=8), _json_values, max_size=3) | _json_values,
+    "reason": st.text(max_size=1100) | _json_values,
+    "id": _ids | _json_values,
+}
+_decisions = st.fixed_dictionaries({"type": st.just("tool_decision")}, optional=_decision_fields)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_decisions)
+def test_a_tool_decision_parses_to_exactly_what_was_sent_or_is_a_bad_request(obj):
+    """Any object of type tool_decision is either a ToolDecision carrying
+    exactly the valid fields sent, or a bad_request that points at the
+    message's id when it had a readable one; never anything else."""
+    frame = json.dumps(obj)
+    valid_id = lambda v: isinstance(v, str) and 0 < len(v) <= 128  # noqa: E731
+    try:
+        msg = parse_client_message(frame)
+    except errors.NetraError as exc:
+        assert exc.code == "bad_request"
+        ref = error_event(exc).ref
+        assert ref == (obj["id"] if valid_id(obj.get("id")) else None)
+        return
+    assert isinstance(msg, protocol.ToolDecision)
+    assert valid_id(obj["run_id"]) and msg.run_id == obj["run_id"]
+    assert valid_id(obj["tool_call_id"]) and msg.tool_call_id == obj["tool_call_id"]
+    assert msg.decision == obj["decision"] in ("approve", "deny")
+    assert msg.id == obj.get("id")
+    if msg.decision == "deny":
+        assert msg.args is None and obj.get("args") is None
+    else:
+        assert msg.args == obj.get("args") and (msg.args is None or isinstance(msg.args, dict))
+    reason = obj.get("reason")
+    assert msg.reason == ((reason.strip() or None) if reason is not None else None)
+    assert msg.reason is None or 0 < len(msg.reason) <= 1000

@@ -583,3 +583,36 @@ def test_builtin_tools_are_fresh_and_documented() -> None:
         assert t.description and not t.is_async
         assert all(p.get("description") for p in t.parameters["properties"].values()), t.name
     ToolRegistry(first + chaos_tools())  # no name clashes
+
+
+# -- approval ---------------------------------------------------------------
+
+
+def test_needs_approval_is_a_flag_or_a_predicate() -> None:
+    def pay(amount: int) -> int:
+        """Pay."""
+        return amount
+
+    assert tool(pay).needs_approval is False
+    assert tool(pay, needs_approval=True).needs_approval is True
+    big = lambda args: args["amount"] > 100  # noqa: E731
+    assert tool(pay, needs_approval=big).needs_approval is big
+    with pytest.raises(TypeError, match="needs_approval"):
+        tool(pay, needs_approval="yes")  # type: ignore[arg-type]
+
+
+def test_check_arguments_checks_a_decoded_object_like_the_models_text() -> None:
+    def pay(amount: int, to: str, note: str | None, rate: float = 1.0) -> None:
+        """Pay."""
+
+    t = tool(pay)
+    assert t.check_arguments({"amount": 3.0, "to": "bo", "rate": 2}) == {
+        "amount": 3, "to": "bo", "rate": 2.0, "note": None,
+    }
+    with pytest.raises(ToolArgumentsError) as refused:
+        t.check_arguments({"amount": "3", "who": "bo"})
+    assert refused.value.problems == (
+        "missing required argument 'to'",
+        "argument 'amount' must be an integer, got string",
+        "unknown argument 'who' (known: amount, to, note, rate)",
+    )

@@ -13,6 +13,7 @@ from types import MappingProxyType
 import attrs
 
 from ..tools import Tool
+from ..tools.base import ApprovalRule
 
 
 @attrs.frozen(kw_only=True)
@@ -33,9 +34,21 @@ class Agent:
     #: the server's model_max_tokens / model_temperature).
     max_tokens: int | None = None
     temperature: float | None = None
+    #: Per tool name: whether this agent's calls of it wait for the user's
+    #: approval (True, False, or a predicate on the checked arguments),
+    #: instead of what the tool itself declares (``needs_approval``). The
+    #: same tool may be harmless for one agent and need a yes for another.
+    approvals: Mapping[str, ApprovalRule] = attrs.field(
+        factory=dict, converter=lambda m: MappingProxyType(dict(m)), hash=False
+    )
 
     def tool_names(self) -> tuple[str, ...]:
         return tuple(t if isinstance(t, str) else t.name for t in self.tools)
+
+    def approval_rule(self, tool: Tool) -> ApprovalRule:
+        """Whether this agent's calls of ``tool`` need approval: its own
+        word for the tool, else the tool's."""
+        return self.approvals.get(tool.name, tool.needs_approval)
 
 
 @attrs.frozen

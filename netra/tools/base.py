@@ -75,6 +75,16 @@ def _positive_or_none(_: Any, attribute: attrs.Attribute[Any], value: float | No
         raise ValueError(f"{attribute.name} must be a positive {kind} or None, got {value!r}")
 
 
+#: Whether a call needs the user's approval: always, never, or as a predicate
+#: on the call's checked arguments says.
+ApprovalRule = bool | Callable[[dict[str, Any]], bool]
+
+
+def _rule_ok(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not (isinstance(value, bool) or callable(value)):
+        raise TypeError(f"{attribute.name} must be True, False or a predicate on the arguments, got {value!r}")
+
+
 @attrs.frozen(kw_only=True, eq=False)
 class Tool:
     """A callable the model may use. Compared by identity: two tools with the
@@ -99,6 +109,10 @@ class Tool:
     #: What users are shown for this tool (events, stored calls, metrics) when
     #: it differs from the name the model uses (an MCP tool's ``server.tool``).
     label: str | None = None
+    #: Whether a call waits for the user's approval before it runs (True, or
+    #: a predicate on the checked arguments). An agent may say otherwise for
+    #: itself (``Agent.approvals``).
+    needs_approval: ApprovalRule = attrs.field(default=False, validator=_rule_ok)
 
     def spec(self) -> ToolSpec:
         """What the model is told. The schema is copied so that a provider
@@ -123,6 +137,12 @@ class Tool:
                 raise ToolArgumentsError([f"arguments are not valid JSON: {exc}"]) from None
         if not isinstance(value, dict):
             raise ToolArgumentsError([f"arguments must be a JSON object, got {_json_type(value)}"])
+        return self.check_arguments(value)
+
+    def check_arguments(self, value: dict[str, Any]) -> dict[str, Any]:
+        """Check already-decoded arguments (a user's edit of a call, say)
+        against the schema, exactly as :meth:`parse_arguments` checks the
+        model's text. Raises :class:`ToolArgumentsError`."""
         problems: list[str] = []
         args = _check_object(self.parameters, value, "", problems)
         if problems:
@@ -395,11 +415,12 @@ def _derive(fn: Callable[..., Any], name: str) -> tuple[str, dict[str, Any]]:
 
 @overload
 def tool(fn: Callable[..., Any], *, name: str | None = ..., description: str | None = ...,
-         timeout_s: float | None = ..., concurrency: int | None = ..., blocking: bool = ...) -> Tool: ...
+         timeout_s: float | None = ..., concurrency: int | None = ..., blocking: bool = ...,
+         needs_approval: ApprovalRule = ...) -> Tool: ...
 @overload
 def tool(fn: None = None, *, name: str | None = ..., description: str | None = ...,
          timeout_s: float | None = ..., concurrency: int | None = ...,
-         blocking: bool = ...) -> Callable[[Callable[..., Any]], Tool]: ...
+         blocking: bool = ..., needs_approval: ApprovalRule = ...) -> Callable[[Callable[..., Any]], Tool]: ...
 def tool(
     fn: Callable[..., Any] | None = None,
     *,
@@ -408,6 +429,7 @@ def tool(
     timeout_s: float | None = None,
     concurrency: int | None = None,
     blocking: bool = True,
+    needs_approval: ApprovalRule = False,
 ) -> Tool | Callable[[Callable[..., Any]], Tool]:
     """Make a :class:`Tool` from a typed function: ``@tool``, ``@tool(...)``
     or ``tool(fn, ...)``.
@@ -416,6 +438,8 @@ def tool(
     parameter descriptions come from ``Annotated[T, "..."]`` or the
     docstring's ``Args:`` section. Unsupported annotations raise TypeError
     here, at import time, rather than when a model first calls the tool.
+    ``needs_approval`` (True, or a predicate on the checked arguments) makes
+    each call wait for the user's approval before it runs.
     """
 
     def make(f: Callable[..., Any]) -> Tool:
@@ -425,7 +449,8 @@ def tool(
         if not text.strip():
             raise TypeError(f"tool {tool_name!r} needs a description: give it a docstring or description=")
         return Tool(name=tool_name, description=text.strip(), parameters=parameters, fn=f,
-                    timeout_s=timeout_s, concurrency=concurrency, blocking=blocking)  # fmt: skip
+                    timeout_s=timeout_s, concurrency=concurrency, blocking=blocking,
+                    needs_approval=needs_approval)  # fmt: skip
 
     return make if fn is None else make(fn)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..config import Config
 from .base import NODE_LOST as NODE_LOST
+from .base import ApprovalRecord as ApprovalRecord
 from .base import RETRYABLE_CANCEL_REASONS as RETRYABLE_CANCEL_REASONS
 from .base import PoolStats as PoolStats
 from .base import RunOutcome as RunOutcome

@@ -91,6 +91,28 @@ MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
         CREATE INDEX runs_running_node ON runs (node_id) WHERE status = 'running'
         """,
     ),
+    (
+        4,
+        # Tool calls that asked the user first: the request while it waits,
+        # then the decision. One row per call of a run, updated in place.
+        """
+        CREATE TABLE approvals (
+            seq {serial_pk},
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            tool_call_id TEXT NOT NULL,
+            tool TEXT NOT NULL,
+            args {json_type} NOT NULL,
+            status TEXT NOT NULL
+                CHECK (status IN ('pending', 'approved', 'denied', 'cancelled')),
+            requested_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            decided_at DOUBLE PRECISION,
+            edited_args {json_type},
+            reason TEXT,
+            UNIQUE (run_id, tool_call_id)
+        )
+        """,
+    ),
 )
 
 

@@ -3,10 +3,11 @@
 Every operation is a function of :mod:`netra.store._schema` run by the
 backend's ``_call`` (a worker thread, one transaction, a borrowed
 connection); ``write=True`` marks the ones that take SQLite's write lock up
-front. ``begin_run`` and ``finish_run``, two per run, go through group
-commit instead (:mod:`netra.store._batch`): many in one transaction. The
-backends differ only in how they connect and how they hold their node's
-liveness lock (:mod:`netra.store._nodes`).
+front. ``begin_run`` and ``finish_run``, two per run (and
+``record_approval``, two per approval), go through group commit instead
+(:mod:`netra.store._batch`): many in one transaction. The backends differ
+only in how they connect and how they hold their node's liveness lock
+(:mod:`netra.store._nodes`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from . import _schema
 from ._batch import GroupCommit
 from ._nodes import Claims, new_node_id
 from .base import (
+    ApprovalRecord,
     PoolStats,
     RunOutcome,
     RunRecord,
@@ -85,6 +87,10 @@ class SqlOperations:
 
     async def finish_run(self, outcome: RunOutcome) -> None:
         await self._group().submit(_schema.finish_run, outcome)
+
+    async def record_approval(self, approval: ApprovalRecord) -> None:
+        # a write of a live run, like begin/finish: it joins their batches
+        await self._group().submit(_schema.record_approval, approval)
 
     def _group(self) -> GroupCommit:
         if self._commits is None:

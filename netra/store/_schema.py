@@ -23,6 +23,7 @@ import attrs
 from ..errors import NotFound, StoreError
 from .base import (
     NODE_LOST,
+    ApprovalRecord,
     RunOutcome,
     RunRecord,
     RunStart,
@@ -122,6 +123,10 @@ _RUN_COLS = (
     "duration_ms", "usage", "error_code", "cancel_reason",
 )  # fmt: skip
 _TOOL_CALL_COLS = ("run_id", "id", "name", "args", "result", "error", "duration_ms")
+_APPROVAL_COLS = (
+    "run_id", "tool_call_id", "tool", "args", "status", "requested_at", "expires_at",
+    "decided_at", "edited_args", "reason",
+)  # fmt: skip
 _THREAD, _MESSAGE, _RUN = (", ".join(c) for c in (_THREAD_COLS, _MESSAGE_COLS, _RUN_COLS))
 
 
@@ -274,6 +279,10 @@ def finish_run(db: Db, outcome: RunOutcome) -> None:
             outcome.answer_message_id, outcome.thread_id, text(outcome.answer_text),
             outcome.run_id, outcome.ended_at,
         )  # fmt: skip
+    db.run(
+        "UPDATE approvals SET status = 'cancelled', decided_at = ? WHERE run_id = ? AND status = 'pending'",
+        outcome.ended_at, outcome.run_id,
+    )  # fmt: skip
     for ordinal, call in enumerate(outcome.tool_calls):
         db.run(
             "INSERT INTO tool_calls (run_id, ordinal, id, name, args, result, error, duration_ms)"
@@ -282,6 +291,25 @@ def finish_run(db: Db, outcome: RunOutcome) -> None:
             None if call.error is None else text(call.error), call.duration_ms,
         )  # fmt: skip
     db.run("UPDATE threads SET updated_at = ? WHERE id = ?", outcome.ended_at, outcome.thread_id)
+
+
+def record_approval(db: Db, approval: ApprovalRecord) -> None:
+    """Insert the pending approval, or write the decision over it. Only a
+    pending row changes: a late write after the run closed it (cancelled)
+    or a repeated one changes nothing."""
+    if db.one("SELECT 1 FROM runs WHERE id = ? AND thread_id = ?", approval.run_id, approval.thread_id) is None:
+        raise NotFound("run not found")  # e.g. its thread was deleted while it waited
+    dump, text = db.dialect.dump_json, db.dialect.text
+    edited = None if approval.edited_args is None else dump(approval.edited_args)
+    db.run(
+        f"INSERT INTO approvals ({', '.join(_APPROVAL_COLS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (run_id, tool_call_id) DO UPDATE SET status = excluded.status,"
+        " decided_at = excluded.decided_at, edited_args = excluded.edited_args, reason = excluded.reason"
+        " WHERE approvals.status = 'pending'",
+        approval.run_id, approval.tool_call_id, text(approval.tool), dump(approval.args), approval.status,
+        approval.requested_at, approval.expires_at, approval.decided_at, edited,
+        None if approval.reason is None else text(approval.reason),
+    )  # fmt: skip
 
 
 def history(db: Db, thread_id: str, limit: int) -> list[StoredMessage]:
@@ -325,13 +353,25 @@ def get_thread(
         call = dict(zip(_TOOL_CALL_COLS, row, strict=True))
         call["args"], call["result"] = load(call["args"]), load(call["result"])
         calls.setdefault(call["run_id"], []).append(ToolCallRecord(**call))
+    approvals: dict[str, list[ApprovalRecord]] = {}
+    for row in db.all(
+        f"SELECT {', '.join('a.' + c for c in _APPROVAL_COLS)}"
+        " FROM approvals a JOIN runs r ON r.id = a.run_id"
+        " WHERE r.thread_id = ? ORDER BY a.run_id, a.requested_at, a.seq",
+        thread_id,
+    ):
+        approval = dict(zip(_APPROVAL_COLS, row, strict=True))
+        approval["args"], approval["edited_args"] = load(approval["args"]), load(approval["edited_args"])
+        approvals.setdefault(approval["run_id"], []).append(ApprovalRecord(**approval, thread_id=thread_id))
     runs = []
     for row in db.all(
         f"SELECT {_RUN} FROM runs WHERE thread_id = ? ORDER BY started_at, id", thread_id
     ):
         run = dict(zip(_RUN_COLS, row, strict=True))
         run["usage"] = load(run["usage"])
-        runs.append(RunRecord(**run, tool_calls=tuple(calls.get(run["id"], ()))))
+        runs.append(RunRecord(
+            **run, tool_calls=tuple(calls.get(run["id"], ())), approvals=tuple(approvals.get(run["id"], ()))
+        ))
     return thread, messages, runs
 
 
@@ -357,9 +397,15 @@ def close_runs_of(db: Db, nodes: list[str | None], ended_at: float) -> int:
     of one of them changes nothing (it is no longer running)."""
     closed = 0
     for node in nodes:
+        which = "IS NULL" if node is None else "= ?"
+        db.run(  # what they were waiting for will never be answered now
+            "UPDATE approvals SET status = 'cancelled', decided_at = ? WHERE status = 'pending' AND run_id IN"
+            f" (SELECT id FROM runs WHERE status = 'running' AND node_id {which})",
+            ended_at, *(() if node is None else (node,)),
+        )  # fmt: skip
         closed += db.run(
             "UPDATE runs SET status = 'failed', ended_at = ?, error_code = ?"
-            f" WHERE status = 'running' AND node_id {'IS NULL' if node is None else '= ?'}",
+            f" WHERE status = 'running' AND node_id {which}",
             ended_at, NODE_LOST, *(() if node is None else (node,)),
         ).rowcount  # fmt: skip
     return closed

@@ -24,6 +24,8 @@ from typing import Any, Final, Literal, Protocol, runtime_checkable
 import attrs
 
 RunStatus = Literal["running", "completed", "failed", "cancelled"]
+#: A tool call's approval: waiting, answered, or dropped with its run.
+ApprovalStatus = Literal["pending", "approved", "denied", "cancelled"]
 
 #: ``error_code`` of a run closed because the node running it is gone.
 NODE_LOST: Final = "node_lost"
@@ -74,6 +76,29 @@ class ToolCallRecord:
 
 
 @attrs.frozen(kw_only=True)
+class ApprovalRecord:
+    """A tool call that asked the user first, and what they answered.
+
+    Written when the run starts waiting (``pending``) and again when it
+    stops: ``approved`` (``edited_args`` set when the user changed the
+    arguments), ``denied`` (``reason`` is the user's, or ``timeout`` when
+    nobody answered by ``expires_at``), or ``cancelled`` when the run ended
+    while it waited. Times are epoch seconds."""
+
+    run_id: str
+    thread_id: str
+    tool_call_id: str
+    tool: str
+    args: dict[str, Any]
+    status: ApprovalStatus
+    requested_at: float
+    expires_at: float
+    decided_at: float | None = None
+    edited_args: dict[str, Any] | None = None
+    reason: str | None = None
+
+
+@attrs.frozen(kw_only=True)
 class RunRecord:
     id: str
     thread_id: str
@@ -87,6 +112,8 @@ class RunRecord:
     error_code: str | None = None
     cancel_reason: str | None = None
     tool_calls: tuple[ToolCallRecord, ...] = ()
+    #: Calls that asked for approval, in the order they asked.
+    approvals: tuple[ApprovalRecord, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -174,7 +201,13 @@ class Store(Protocol):
         (status ``running``). NotFound if ``thread_id`` is not the user's."""
 
     async def finish_run(self, outcome: RunOutcome) -> None:
-        """Record the answer (possibly partial), tool calls and outcome."""
+        """Record the answer (possibly partial), tool calls and outcome;
+        approvals still pending are closed as ``cancelled``."""
+
+    async def record_approval(self, approval: ApprovalRecord) -> None:
+        """Record a pending approval, or the decision on one (by run and
+        tool call id): a decision replaces only a pending record. NotFound
+        when the run is gone (its thread deleted meanwhile)."""
 
     async def history(self, thread_id: str, *, limit: int) -> list[StoredMessage]:
         """The thread's last ``limit`` messages, oldest first."""

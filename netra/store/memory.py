@@ -33,6 +33,7 @@ from ..errors import NotFound, StoreError
 from ._nodes import new_node_id
 from ._schema import _title
 from .base import (
+    ApprovalRecord,
     PoolStats,
     RunOutcome,
     RunRecord,
@@ -77,6 +78,8 @@ class _Run:
     error_code: str | None = None
     cancel_reason: str | None = None
     tool_calls: tuple[ToolCallRecord, ...] = ()
+    #: By tool call id, in the order they were asked (made on the first one).
+    approvals: dict[str, ApprovalRecord] | None = None
 
     def record(self) -> RunRecord:
         return RunRecord(
@@ -84,6 +87,7 @@ class _Run:
             status=self.status, started_at=self.started_at, ended_at=self.ended_at,
             duration_ms=self.duration_ms, usage=dict(self.usage), error_code=self.error_code,
             cancel_reason=self.cancel_reason, tool_calls=self.tool_calls,
+            approvals=tuple(self.approvals.values()) if self.approvals else (),
         )  # fmt: skip
 
 
@@ -233,6 +237,10 @@ class MemoryStore:
         run.status, run.ended_at, run.duration_ms = outcome.status, outcome.ended_at, outcome.duration_ms
         run.usage, run.error_code, run.cancel_reason = dict(outcome.usage), outcome.error_code, outcome.cancel_reason
         run.tool_calls = tuple(calls)
+        if run.approvals:
+            for key, approval in run.approvals.items():
+                if approval.status == "pending":
+                    run.approvals[key] = attrs.evolve(approval, status="cancelled", decided_at=outcome.ended_at)
         if outcome.answer_text:  # a run that failed before any text leaves no empty turn
             self._add(thread, StoredMessage(
                 id=outcome.answer_message_id, thread_id=thread.id, role="assistant",
@@ -241,6 +249,28 @@ class MemoryStore:
         thread.updated_at = outcome.ended_at
         self._threads.move_to_end(thread.id)
         self._charge(thread, run.id, chars)
+        self._shed(thread)
+
+    async def record_approval(self, approval: ApprovalRecord) -> None:
+        self._check_open()
+        thread = self._threads.get(approval.thread_id)
+        run = None if thread is None else thread.runs.get(approval.run_id)
+        if thread is None or run is None:  # e.g. the thread was deleted while the run waited
+            raise NotFound("run not found")
+        if run.approvals is None:
+            run.approvals = {}
+        earlier = run.approvals.get(approval.tool_call_id)
+        if earlier is None:
+            (args, chars) = _as_json(approval.args)
+            run.approvals[approval.tool_call_id] = attrs.evolve(approval, args=args)
+            self._charge(thread, run.id, chars + len(approval.reason or ""))
+        elif earlier.status == "pending":  # as in SQL: only a pending one takes a decision
+            edited, chars = _as_json(approval.edited_args) if approval.edited_args is not None else (None, 0)
+            run.approvals[approval.tool_call_id] = attrs.evolve(
+                earlier, status=approval.status, decided_at=approval.decided_at,
+                edited_args=edited, reason=approval.reason,
+            )  # fmt: skip
+            self._charge(thread, run.id, chars + len(approval.reason or ""))
         self._shed(thread)
 
     async def close_orphaned_runs(self, node_id: str | None = None) -> int:

@@ -365,5 +365,6 @@ def test_every_client_error_is_exported():
     from netra.client import _errors
 
     family = {name for name, value in vars(_errors).items() if isinstance(value, type) and issubclass(value, ClientError)}
-    assert family == {"ClientError", "ServerUnreachable", "ConnectionRefused", "ConnectionClosed", "RunRefused", "ProtocolError"}
+    assert family == {"ClientError", "ServerUnreachable", "ConnectionRefused", "ConnectionClosed", "RunRefused",
+                      "DecisionRefused", "ProtocolError"}
     assert all(getattr(netra.client, name) is getattr(_errors, name) for name in family)

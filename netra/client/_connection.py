@@ -34,6 +34,7 @@ from ..protocol import SUBPROTOCOL, TERMINAL, Received, decode_event
 from ._errors import (
     ConnectionClosed,
     ConnectionRefused,
+    DecisionRefused,
     ProtocolError,
     RunRefused,
     ServerUnreachable,
@@ -51,6 +52,8 @@ class Connection:
     _by_run: dict[str, trio.MemorySendChannel[Received]] = attrs.field(factory=dict)
     _run_refs: dict[str, str] = attrs.field(factory=dict)
     _pongs: dict[str, trio.Event] = attrs.field(factory=dict)
+    #: Decisions being sent, by message id: the refusal, once one arrived.
+    _decisions: dict[str, dict[str, Any] | None] = attrs.field(factory=dict)
     closed: ConnectionClosed | None = None
     _closed_event: trio.Event = attrs.field(factory=trio.Event)
     #: How to open another WebSocket for a resume (set by :func:`connect`).
@@ -111,14 +114,60 @@ class Connection:
     async def cancel(self, *, run_id: str | None = None, thread_id: str | None = None) -> None:
         await self.send({"type": "cancel", "run_id": run_id, "thread_id": thread_id})
 
+    async def decide(
+        self,
+        run_id: str,
+        tool_call_id: str,
+        *,
+        approve: bool,
+        args: dict[str, Any] | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """Answer an ``approval_required``: approve the call (with ``args``
+        in place of the model's, when given) or deny it (``reason`` is told
+        to the model). Any connection of the run's user may decide. Returns
+        once the server took the decision; raises :class:`DecisionRefused`
+        when it did not (``not_found``: no such call waits, e.g. it was
+        decided elsewhere or expired; ``bad_request``: the arguments do not
+        fit the tool, and the call still waits)."""
+        message: dict[str, Any] = {
+            "type": "tool_decision", "id": uuid.uuid4().hex, "run_id": run_id,
+            "tool_call_id": tool_call_id, "decision": "approve" if approve else "deny",
+        }
+        if args is not None:
+            message["args"] = args
+        if reason is not None:
+            message["reason"] = reason
+        self._decisions[message["id"]] = None
+        try:
+            await self.send(message)
+            # The server handles a connection's messages in order and answers
+            # a refused one at once, so its error comes before this pong.
+            answered = await self._round_trip()
+            refusal = self._decisions[message["id"]]
+        finally:
+            self._decisions.pop(message["id"], None)
+        if refusal is None and not answered:
+            raise self.closed or ConnectionClosed(None, "closed")
+        if refusal is not None:
+            raise DecisionRefused(refusal.get("code", ""), refusal.get("message", ""), refusal)
+
     async def ping(self) -> float:
         """Round trip time in seconds."""
+        start = trio.current_time()
+        await self._round_trip()
+        return trio.current_time() - start
+
+    async def _round_trip(self) -> bool:
+        """A ping and its pong; False when the connection ended first."""
         ping_id = uuid.uuid4().hex
         done = self._pongs[ping_id] = trio.Event()
-        start = trio.current_time()
-        await self.send({"type": "ping", "id": ping_id})
-        await done.wait()
-        return trio.current_time() - start
+        try:
+            await self.send({"type": "ping", "id": ping_id})
+            await done.wait()
+        finally:
+            answered = self._pongs.pop(ping_id, None) is None  # the pong took it
+        return answered
 
     async def refresh(self, token: str) -> None:
         await self.send({"type": "auth", "token": token})
@@ -213,6 +262,9 @@ class Connection:
                 done.set()
             return
         ref, run_id = raw.get("ref"), raw.get("run_id")
+        if kind == "error" and ref in self._decisions:
+            self._decisions[ref] = raw
+            return
         channel = None
         if run_id is not None:
             channel = self._by_run.get(run_id)

@@ -9,6 +9,7 @@ answers, not the transport's internals::
     ├── ConnectionRefused   the server answered the upgrade with an HTTP error (401, 403, 503...)
     ├── ConnectionClosed    the WebSocket closed; ``code`` is the close code (4401, 1001...)
     ├── RunRefused          a message got an ``error`` event: no run started
+    ├── DecisionRefused     a tool_decision got an ``error`` event: the call was not decided
     └── ProtocolError       the server sent something protocol v1 does not allow
 """
 
@@ -75,6 +76,19 @@ class ConnectionClosed(ClientError):
 
 class RunRefused(ClientError):
     """The server answered the message with an ``error``: no run started."""
+
+    def __init__(self, code: str, message: str, raw: dict[str, Any]) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.raw = raw
+
+
+class DecisionRefused(ClientError):
+    """The server refused a ``tool_decision`` (:meth:`Connection.decide`):
+    ``not_found`` when no call of this user waits with those ids (unknown,
+    already decided, expired), ``bad_request`` when the edited arguments do
+    not fit the tool (the call still waits: decide again)."""
 
     def __init__(self, code: str, message: str, raw: dict[str, Any]) -> None:
         super().__init__(f"{code}: {message}")

@@ -112,6 +112,11 @@ class Config:
     max_steps: int = _doc("Model calls in one run.", default=12)
     max_tool_calls: int = _doc("Tool calls in one run.", default=24)
     tool_timeout_s: float = _doc("Default per tool call (a tool may declare its own).", default=30.0)
+    approval_timeout_s: float = _doc(
+        "How long a tool call that needs the user's approval waits for a decision; then it is denied "
+        "(reason `timeout`). The wait holds no model or tool slot and does not count against the run's time limit.",
+        default=300.0,
+    )
     model_first_chunk_timeout_s: float = _doc("Time to a model's first chunk.", default=60.0)
     model_idle_timeout_s: float = _doc("Longest silence between model chunks.", default=30.0)
     max_output_bytes: int = _doc("Largest answer of one run.", default=262144)

@@ -17,6 +17,7 @@ import trio
 from . import __version__
 from .agents import AgentSet, builtin_agents
 from .agents.runner import RunLimits, agent_tools
+from .approvals import ApprovalBoard
 from .auth import TokenVerifier, is_loopback
 from .cluster.node import ClusterNode, NodeCounts
 from .config import Config
@@ -68,6 +69,8 @@ class Hub:
     flusher: Flusher = attrs.field(factory=Flusher)
     #: The MCP servers' connections and the tools they offer (see netra.mcp).
     mcp: McpServers = attrs.field(factory=McpServers)
+    #: Tool calls waiting for their user's decision (see netra.approvals).
+    approvals: ApprovalBoard = attrs.field(factory=ApprovalBoard)
     # labelled metric children, each looked up once (see count_run)
     _runs_finished: dict[tuple[str, str], Any] = attrs.field(factory=dict, init=False)
     _tool_calls: dict[tuple[str, str], Any] = attrs.field(factory=dict, init=False)

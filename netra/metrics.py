@@ -66,6 +66,12 @@ class Metrics:
             "netra_tool_calls", "Tool calls by tool and outcome.", ["tool", "outcome"], registry=s.registry
         )
     )
+    approvals: Counter = _registry_field(
+        lambda s: Counter(
+            "netra_approvals", "Tool calls that asked the user, by how that ended: approved, edited, "
+            "denied, timeout, cancelled.", ["outcome"], registry=s.registry,
+        )
+    )
     tool_duration: Histogram = _registry_field(
         lambda s: Histogram(
             "netra_tool_duration_seconds", "Tool call latency.", ["tool"], buckets=_LATENCY,

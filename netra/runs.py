@@ -27,6 +27,7 @@ import trio
 
 from . import errors
 from .agents import Agent, route
+from .approvals import Approver
 from .agents.runner import AgentLoop
 from .agents.supervisor import choose_agent, model_routes
 from .errors import Busy, InternalError, NetraError, NotFound, RunInProgress, RunTimeout
@@ -362,6 +363,7 @@ class RunTable:
                         tool_limiters=hub.tool_gates,
                         on_tool_call=self._count_tool_call,
                         on_model_turn=self._count_model_turn,
+                        approve=Approver.for_run(hub, run, lambda event: self.emit(run, event)),
                     )
                     # the run's own cancel scope carries its timeout too
                     timeout = run.agent.timeout_s or config.run_timeout_s

@@ -49,6 +49,7 @@ from .protocol import (
     Pong,
     RunEvent,
     TextDelta,
+    ToolDecision,
     UserMessage,
     encode_event,
     error_event,
@@ -483,6 +484,8 @@ class Session:
                     self._nursery.start_soon(self._route_cancel, run_id, thread_id, getattr(message, "id", None))
             case Resume():
                 self._take_over(message)
+            case ToolDecision():  # from any of the user's connections, like the run's own
+                self.hub.approvals.decide(self.identity.user_id, message)
             case Auth(token=token):
                 identity = self.hub.verifier.verify(token)  # Unauthorized -> error event
                 if identity.user_id != self.identity.user_id:

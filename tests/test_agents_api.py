@@ -405,3 +405,31 @@ async def test_cancelling_the_run_cancels_routing():
             await choose_agent(model, agents, COSTLY, None, timeout_s=30)
             pytest.fail("routing swallowed the cancellation")
     assert outer.cancelled_caught
+
+
+def test_an_agent_says_which_of_its_tools_need_approval():
+    """An agent's own word on a tool wins over the tool's; naming a tool it
+    does not have is a configuration error, said at start-up."""
+    from netra.agents import Agent, AgentSet
+    from netra.agents.runner import agent_tools
+    from netra.tools import ToolRegistry, builtin_tools, tool
+
+    @tool(needs_approval=True)
+    def wipe(path: str) -> str:
+        """Delete a file."""
+        return path
+
+    registry = ToolRegistry([*builtin_tools(), wipe])
+    careful = Agent(name="careful", description="d", instructions="i", tools=("calculator", wipe),
+                    approvals={"calculator": True})
+    trusting = Agent(name="trusting", description="d", instructions="i", tools=(wipe,), approvals={"wipe": False})
+    assert careful.approval_rule(registry["calculator"]) is True
+    assert careful.approval_rule(wipe) is True  # the tool's own
+    assert trusting.approval_rule(wipe) is False
+    assert hash(careful) == hash(Agent(name="careful", description="d", instructions="i",
+                                       tools=("calculator", wipe), approvals={"calculator": True}))
+    agent_tools(careful, registry)
+    stray = Agent(name="stray", description="d", instructions="i", tools=("calculator",), approvals={"wipe": True})
+    with pytest.raises(ValueError, match="approvals for tools it does not have: wipe"):
+        agent_tools(stray, registry)
+    assert AgentSet.of([careful, trusting]).default == "careful"

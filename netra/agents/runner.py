@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
 import trio
 
 from .. import _json
+from ..approvals import Decision, asks_approval
 from ..errors import LLMError, NetraError, ToolError
 from ..models.base import (
     ChatMessage,
@@ -82,6 +83,10 @@ class AgentLoop:
     #: none) and seconds to the end of the turn, both from the request
     #: (after the model limiter). Must not block.
     on_model_turn: Callable[[str, float | None, float], None] = lambda outcome, first, total: None
+    #: Asks the user about a call that needs approval (tool call id, tool,
+    #: the model's arguments) and waits for the decision; None: nobody can
+    #: be asked, so such calls are refused (see netra.approvals).
+    approve: Callable[[str, Tool, dict[str, Any]], Awaitable[Decision]] | None = None
 
     text_parts: list[str] = attrs.field(factory=list)
     #: Token counts the model reported; None while it reported none (unknown,
@@ -90,6 +95,9 @@ class AgentLoop:
     tool_calls: list[ToolCallRecord] = attrs.field(factory=list)
     _output_bytes: int = 0
     _announced_step: int = 0  # the last step an agent_thinking was sent for
+    #: Arguments the user edited before approving, by call id, until the
+    #: step's assistant message is rewritten with them.
+    _edited: dict[str, str] = attrs.field(factory=dict)
 
     @property
     def text(self) -> str:
@@ -115,6 +123,10 @@ class AgentLoop:
                 async with trio.open_nursery() as nursery:
                     for call in calls:
                         nursery.start_soon(self._tool_call, call, results)
+            if self._edited:  # the user changed some arguments: the model is told the calls that ran
+                messages[-1] = attrs.evolve(messages[-1], tool_calls=tuple(
+                    attrs.evolve(c, arguments=self._edited.pop(c.id, c.arguments)) for c in calls
+                ))  # fmt: skip
             messages.extend(results[c.id] for c in calls)
         raise LLMError(f"the agent did not finish within {self.limits.max_steps} model steps")
 
@@ -221,6 +233,15 @@ class AgentLoop:
                 args = {"_raw": call.arguments[:1000]}
         except ValueError:
             args = {"_raw": call.arguments[:1000]}
+        arguments = call.arguments
+        refusal: str | None = None
+        decision = await self._approval(call, tool, args) if tool is not None else None
+        if decision is not None:  # the call waited for its user: it runs as they said
+            if not decision.approved:
+                refusal = decision.refusal()
+            elif decision.args is not None:
+                args, arguments = decision.args, _json.dumps_str(decision.args)
+                self._edited[call.id] = arguments
         self.emit(
             ToolExecuting(
                 run_id=self.run_id, thread_id=self.thread_id, tool_call_id=call.id, tool=shown, args=args
@@ -233,11 +254,14 @@ class AgentLoop:
                 raise ToolError(f"unknown tool {call.name!r} for agent {self.agent.name!r}")
             if len(self.tool_calls) >= self.limits.max_tool_calls:
                 raise ToolError(f"tool call limit of {self.limits.max_tool_calls} reached; answer now")
-            result = await self._invoke(tool, call.arguments)
+            if refusal is not None:
+                outcome = "denied"
+                raise ToolError(refusal)
+            result = await self._invoke(tool, arguments)
         except trio.TooSlowError:
             outcome, error = "timeout", f"{call.name} timed out"
         except ToolError as exc:
-            outcome, error = "error", exc.message
+            outcome, error = "denied" if outcome == "denied" else "error", exc.message
         except Exception as exc:  # a crashing tool is a failed call, seen only by its run
             log.warning("tool %s raised", call.name, exc_info=True, extra={"run_id": self.run_id})
             outcome, error = "error", f"{type(exc).__name__}: {exc}"[:1000]
@@ -255,6 +279,24 @@ class AgentLoop:
         self.emit(self._completed(call, record))
         content = _json.dumps_str({"error": error} if error is not None else result)
         results[call.id] = ChatMessage(role="tool", content=content, tool_call_id=call.id, name=call.name)
+
+    async def _approval(self, call: ToolCallRequest, tool: Tool, args: dict[str, Any]) -> Decision | None:
+        """The user's decision on this call, when it needs one (None: it
+        does not). Asked before the call counts or runs, holding no model or
+        tool slot. Calls that would fail anyway (arguments that do not fit,
+        the call limit reached) fail without asking anyone."""
+        rule = self.agent.approval_rule(tool)
+        if rule is False or len(self.tool_calls) >= self.limits.max_tool_calls:
+            return None
+        try:
+            checked = tool.parse_arguments(call.arguments)
+        except ToolError:
+            return None
+        if not asks_approval(rule, checked):
+            return None
+        if self.approve is None:
+            return Decision(approved=False, reason="it needs the user's approval, and no one can be asked here")
+        return await self.approve(call.id, tool, args)
 
     async def _invoke(self, tool: Tool, raw_arguments: str) -> Any:
         args = tool.parse_arguments(raw_arguments)
@@ -329,4 +371,7 @@ def agent_tools(
     missing = [n for n in names if n not in registry]
     if missing:
         raise ValueError(f"agent {agent.name!r} names unknown tools: {', '.join(missing)}")
+    strays = [n for n in agent.approvals if n not in (*agent.tool_names(), *extra)]
+    if strays:
+        raise ValueError(f"agent {agent.name!r} sets approvals for tools it does not have: {', '.join(strays)}")
     return ToolRegistry([registry[n] for n in names])

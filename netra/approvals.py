@@ -17,7 +17,11 @@ Two owners share the work:
   synchronously by the session that received it, whichever of the user's
   connections that is: it is checked (the caller's own waiting call, edited
   arguments that fit the tool's schema) and wakes the run, or it is refused
-  with an ``error`` for that client alone, and the call goes on waiting;
+  with an ``error`` for that client alone, and the call goes on waiting.
+  In a cluster, a decision for a run on another node takes the path of a
+  cancel (:func:`route_decision`): checked on the receiving node against
+  the approval the shared store holds, then sent to the run's node, whose
+  board applies it;
 - an :class:`Approver`, one per run, is what the agent loop awaits for each
   call that needs approval. While it waits the run holds no model slot and
   no tool slot (the loop holds neither between a model turn and a tool
@@ -39,8 +43,9 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import trio
 
+from . import _json
 from .errors import BadRequest, NetraError, NotFound
-from .protocol import ApprovalRequired, RunEvent, ToolDecision
+from .protocol import ApprovalRequired, RunEvent, ToolDecision, parse_client_message
 from .store.base import ApprovalRecord, ApprovalStatus
 from .tools import Tool, ToolArgumentsError
 from .tools.base import ApprovalRule
@@ -54,6 +59,8 @@ log = logging.getLogger("netra.approvals")
 
 #: The reason recorded (and told to the model) when nobody decided in time.
 TIMEOUT: Final = "timeout"
+#: The answer to a decision on nothing: the same for every cause, so ids do not leak.
+_NOT_WAITING: Final = "no tool call of yours is waiting for a decision with that run_id and tool_call_id"
 
 
 def asks_approval(rule: ApprovalRule, args: dict[str, Any]) -> bool:
@@ -114,27 +121,42 @@ class ApprovalBoard:
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def decide(self, user_id: str, msg: ToolDecision) -> None:
-        """Apply a decision of ``user_id`` (from any of their connections).
-        NotFound when no such call of theirs waits (unknown, another user's,
-        already decided, expired); BadRequest, the call still waiting, when
-        the edited arguments do not fit the tool."""
+    def decide(self, user_id: str, msg: ToolDecision, *, routable: bool = False) -> bool:
+        """Apply a decision of ``user_id`` (from any of their connections of
+        this node): True when taken. When no such call of theirs waits here
+        (unknown, another user's, already decided, expired): NotFound, or
+        False when ``routable`` (a cluster, where it may wait on another
+        node: :func:`route_decision`). BadRequest, the call still waiting,
+        when the edited arguments do not fit the tool."""
         key = (user_id, msg.run_id, msg.tool_call_id)
         waiting = self._waiting.get(key)
         if waiting is None:
-            raise NotFound("no tool call of yours is waiting for a decision with that run_id and tool_call_id")
+            if routable:
+                return False
+            raise NotFound(_NOT_WAITING)
         args = msg.args if msg.decision == "approve" else None
         if args is not None:
-            try:
-                waiting.tool.check_arguments(args)
-            except ToolArgumentsError as exc:
-                raise BadRequest(
-                    f"the edited arguments do not fit {waiting.tool.name}: {exc.message}. "
-                    "The call still waits for a decision."
-                ) from None
+            _check_edit(waiting.tool, args)
         del self._waiting[key]
         waiting.decision = Decision(approved=msg.decision == "approve", args=args, reason=msg.reason)
         waiting.decided.set()
+        return True
+
+    def apply_control(self, message: dict[str, Any]) -> None:
+        """A decision another node of the cluster received for a run of this
+        one (:func:`route_decision` checked it there). One that finds the
+        call no longer waiting lost a race with its timeout or another
+        decision, as a cancel may lose one with a run's end."""
+        user_id, frame = message.get("user_id"), message.get("decision")
+        try:
+            if not isinstance(user_id, str) or not isinstance(frame, str):
+                raise BadRequest("a decide control message needs user_id and decision")
+            decision = parse_client_message(frame)
+            if not isinstance(decision, ToolDecision):
+                raise BadRequest("a decide control message carries a tool_decision")
+            self.decide(user_id, decision)
+        except NetraError as exc:
+            log.info("a decision from another node was not applied: %s", exc.message)
 
     def _open(self, key: tuple[str, str, str], tool: Tool) -> _Waiting | None:
         """Start waiting; None when that call already waits (a model that
@@ -147,6 +169,45 @@ class ApprovalBoard:
     def _close(self, key: tuple[str, str, str], waiting: _Waiting) -> None:
         if self._waiting.get(key) is waiting:
             del self._waiting[key]
+
+
+def _check_edit(tool: Tool, args: dict[str, Any]) -> None:
+    try:
+        tool.check_arguments(args)
+    except ToolArgumentsError as exc:
+        raise BadRequest(
+            f"the edited arguments do not fit {tool.name}: {exc.message}. The call still waits for a decision."
+        ) from None
+
+
+async def route_decision(hub: Hub, user_id: str, msg: ToolDecision) -> None:
+    """A decision for a call waiting on none of this node's runs: in a
+    cluster, the run may be on another node. Found in the cluster's index of
+    the user's runs, it is checked here against the approval the shared
+    store holds (pending; edited arguments that fit the tool: the deciding
+    client gets its error from this node), then sent to the run's node.
+    NotFound, BadRequest or StoreError otherwise."""
+    cluster = hub.cluster
+    assert cluster is not None
+    where = (await cluster.runs_of(user_id)).get(msg.run_id)
+    if where is None or where[0] == cluster.node_id:
+        raise NotFound(_NOT_WAITING)
+    node, thread_id = where
+    try:
+        runs = (await hub.store.get_thread(user_id, thread_id))[2]
+    except NotFound:
+        raise NotFound(_NOT_WAITING) from None
+    pending = next((
+        a for r in runs if r.id == msg.run_id for a in r.approvals
+        if a.tool_call_id == msg.tool_call_id and a.status == "pending"
+    ), None)  # fmt: skip
+    if pending is None:
+        raise NotFound(_NOT_WAITING)
+    if msg.decision == "approve" and msg.args is not None and pending.tool in hub.tools:
+        _check_edit(hub.tools[pending.tool], msg.args)
+    frame = {"type": "tool_decision", "run_id": msg.run_id, "tool_call_id": msg.tool_call_id,
+             "decision": msg.decision, "args": msg.args, "reason": msg.reason}
+    await cluster.send_control(node, {"op": "decide", "user_id": user_id, "decision": _json.dumps_str(frame)})
 
 
 @attrs.define(eq=False, kw_only=True)

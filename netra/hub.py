@@ -118,6 +118,8 @@ class Hub:
     def apply_control(self, message: dict[str, Any]) -> None:
         """A control message another node sent this one: a cancel of runs
         of one user (the user is checked: a run id alone never suffices)."""
+        if message.get("op") == "decide":  # a decision on an approval (netra.approvals)
+            return self.approvals.apply_control(message)
         if message.get("op") != "cancel":
             return
         user = self.users.get(str(message.get("user_id")))

@@ -32,6 +32,7 @@ import attrs
 import trio
 
 from . import errors
+from .approvals import route_decision
 from .auth import Identity
 from .errors import NetraError
 from .limits import TokenBucket
@@ -114,6 +115,10 @@ class Session:
     #: across a cluster (None outside one): when the session ends, or when
     #: its connection drops and it waits for a resume.
     seat: Callable[[], None] | None = None
+    #: Decisions on their way to another node of a cluster, and what the
+    #: pongs of pings sent after them wait for (see _pong).
+    _routing: int = 0
+    _routed: trio.Event | None = None
 
     def __attrs_post_init__(self) -> None:
         c = self.hub.config
@@ -475,7 +480,7 @@ class Session:
     def _dispatch(self, message: Any) -> None:
         match message:
             case Ping(id=ping_id):
-                self.send(Pong(id=ping_id))
+                self._pong(ping_id)
             case UserMessage():
                 self.runs.start(message)
             case Cancel(run_id=run_id, thread_id=thread_id):
@@ -484,8 +489,12 @@ class Session:
                     self._nursery.start_soon(self._route_cancel, run_id, thread_id, getattr(message, "id", None))
             case Resume():
                 self._take_over(message)
-            case ToolDecision():  # from any of the user's connections, like the run's own
-                self.hub.approvals.decide(self.identity.user_id, message)
+            case ToolDecision():  # from any of the user's connections, as a cancel
+                routable = self.hub.cluster is not None
+                if not self.hub.approvals.decide(self.identity.user_id, message, routable=routable):
+                    assert self._nursery is not None  # in a cluster: the run may be on another node
+                    self._routing += 1
+                    self._nursery.start_soon(self._route_decision, message)
             case Auth(token=token):
                 identity = self.hub.verifier.verify(token)  # Unauthorized -> error event
                 if identity.user_id != self.identity.user_id:
@@ -547,6 +556,35 @@ class Session:
             return
         if not routed:
             self.send(error_event(errors.NotFound("no such run in progress"), ref=ref))
+
+    async def _route_decision(self, message: ToolDecision) -> None:
+        """A decision on none of this node's runs: the cluster's, where they run."""
+        try:
+            await route_decision(self.hub, self.identity.user_id, message)
+        except NetraError as exc:
+            self.send(error_event(exc, ref=message.id))
+        finally:
+            self._routing -= 1
+            if not self._routing and self._routed is not None:
+                self._routed.set()
+                self._routed = None
+
+    def _pong(self, ping_id: str | None) -> None:
+        """Answer a ping after the decisions sent before it that are still
+        being routed: a connection's messages are answered in order, so a
+        refused decision's error comes before the pong (clients rely on it
+        to learn that a decision was taken)."""
+        if not self._routing:
+            self.send(Pong(id=ping_id))
+            return
+        if self._routed is None:
+            self._routed = trio.Event()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._pong_after, self._routed, ping_id)
+
+    async def _pong_after(self, routed: trio.Event, ping_id: str | None) -> None:
+        await routed.wait()
+        self.send(Pong(id=ping_id))
 
     def queued_events(self) -> int:
         return len(self._pending)

@@ -262,6 +262,12 @@ class ClusterNode:
             await self._call(lambda n=node, m=message: self.redis.publish(self._control_channel(n), m))
         return sum(len(v) for v in targets.values())
 
+    async def send_control(self, node_id: str, message: dict[str, Any]) -> None:
+        """Send a control message to one node (its hub's ``apply_control``
+        gets it): e.g. a decision on an approval its run waits for."""
+        data = _json.dumps_str(message)
+        await self._call(lambda: self.redis.publish(self._control_channel(node_id), data))
+
     # -- running --------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

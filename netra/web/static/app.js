@@ -2,6 +2,7 @@
 // from server events to the views. No framework: the page is small enough
 // that plain DOM calls stay readable, and nothing needs building.
 
+import { approvalRefused, historyApprovals, trackApproval } from "./approval.js";
 import { Connection, closeText } from "./conn.js";
 import { RunView, errorText, threadItem, userTurn } from "./view.js";
 
@@ -231,6 +232,7 @@ function onEvent(event) {
     case "agent_error": view.failed(event); break;
     case "agent_cancelled": view.cancelled(event); break;
   }
+  trackApproval(view, event, decide);
   if (view.finished) {
     app.runs.delete(event.run_id);
     if (app.history) loadThreads();
@@ -239,6 +241,7 @@ function onEvent(event) {
 }
 
 function onError(event) {
+  if (approvalRefused(event)) return;
   const view = event.ref ? app.pending.get(event.ref) : undefined;
   if (view) {
     app.pending.delete(event.ref);
@@ -270,6 +273,11 @@ function send() {
   $("messages").append(view.userNode, view.node);
   updateStop();
   scrollToEnd();
+}
+
+// A tool_decision (from approval.js); false when it could not be sent.
+function decide(message) {
+  return Boolean(app.conn && app.conn.send(message));
 }
 
 function stop() {
@@ -342,12 +350,18 @@ function historyTurns({ messages, runs }, skipRuns) {
       turns.push(userTurn(message.text));
       if (!message.run_id) continue;
       const answer = answers.get(message.run_id) || { text: "", run_id: message.run_id };
-      turns.push(RunView.fromHistory(answer, runById.get(message.run_id)).node);
+      turns.push(historyTurn(answer, runById.get(message.run_id)));
     } else if (!messages.some((m) => m.role === "user" && m.run_id === message.run_id)) {
-      turns.push(RunView.fromHistory(message, runById.get(message.run_id)).node);
+      turns.push(historyTurn(message, runById.get(message.run_id)));
     }
   }
   return turns;
+}
+
+function historyTurn(message, run) {
+  const view = RunView.fromHistory(message, run);
+  historyApprovals(view, run, decide);
+  return view.node;
 }
 
 function newThread() {

@@ -7,6 +7,9 @@ streaming while the user types. SIGINT goes through trio's signal receiver
 rather than KeyboardInterrupt, so a Ctrl-C can mean "stop this run" without
 tearing the connection down: the first one during a run sends ``cancel``,
 a second one (or one at an idle prompt, or Ctrl-D) quits with status 0.
+A tool call that needs the user's approval is asked about (y/n) while the
+run waits, in a task of its own, so the run's events keep coming and a
+call decided elsewhere (another connection, the timeout) stops the asking.
 
 stdin is read with ``os.read`` on the file descriptor, not ``sys.stdin``:
 an abandoned thread blocked inside ``sys.stdin.readline`` holds the buffer's
@@ -32,9 +35,16 @@ from typing import TYPE_CHECKING, Any, TextIO
 import attrs
 import trio
 
-from ..protocol import Received
+from ..protocol import TERMINAL, Received
 from ._connection import Connection, connect
-from ._errors import ClientError, ConnectionClosed, ConnectionRefused, RunRefused, ServerUnreachable
+from ._errors import (
+    ClientError,
+    ConnectionClosed,
+    ConnectionRefused,
+    DecisionRefused,
+    RunRefused,
+    ServerUnreachable,
+)
 
 if TYPE_CHECKING:
     from ._markdown import LiveMarkdown
@@ -118,7 +128,8 @@ commands:
   /new           start a new conversation
   /quit, /exit   quit (so do Ctrl-D, and Ctrl-C at the prompt)
   //text         send a message that begins with "/" (as /text)
-Ctrl-C during a run stops that run."""
+Ctrl-C during a run stops that run. A tool call that needs your approval
+asks "approve? [y/n]": y runs it, n refuses it (n REASON tells the agent why)."""
 
 
 _TRANSIENT = frozenset({"run_queued", "agent_started", "agent_thinking", "tool_executing"})
@@ -131,6 +142,17 @@ class RunState:
     cancel_requested: bool = False
     answering: bool = False
     tools: dict[str, str] = attrs.field(factory=dict)
+    #: Calls being asked about (y/n), by tool call id.
+    asking: dict[str, Asking] = attrs.field(factory=dict)
+
+
+@attrs.define(eq=False)
+class Asking:
+    """One approval question: what stops it, and whether it is on screen
+    waiting for its answer."""
+
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    waiting: bool = False
 
 
 @attrs.define(eq=False)
@@ -144,6 +166,10 @@ class Chat:
     closed_reported: bool = False
     painting: bool = False
     _nursery: trio.Nursery | None = None
+    #: The typed lines, for the approval questions asked during a run (the
+    #: conversation waits for the run meanwhile), one question at a time.
+    _lines: trio.MemoryReceiveChannel[str] | None = None
+    _asking: trio.Lock = attrs.field(factory=trio.Lock)
 
     async def main(self, sigint: AsyncIterator[int]) -> int:
         self.out.note(
@@ -165,6 +191,7 @@ class Chat:
         self._nursery.cancel_scope.cancel()
 
     async def _converse(self, lines: trio.MemoryReceiveChannel[str]) -> None:
+        self._lines = lines
         self.out.prompt()
         async for line in lines:
             text = line.strip()
@@ -206,6 +233,7 @@ class Chat:
                     self.thread_id = received.raw.get("thread_id") or self.thread_id
                     if state.cancel_requested:
                         await self.conn.cancel(run_id=state.run_id)
+                self._follow_approvals(received, state)
                 self._show(received, state)
         except RunRefused as exc:
             self.out.error(f"refused ({exc.code}): {exc.message}")
@@ -213,6 +241,7 @@ class Chat:
             self._report_close(exc)
         finally:
             self.run = None
+            self._stop_asking(state, list(state.asking))
 
     def _show(self, received: Received, state: RunState) -> None:
         raw, out, sym = received.raw, self.out, self.out.symbols
@@ -269,6 +298,69 @@ class Chat:
                 self.out.paint()
         finally:
             self.painting = False
+
+    # -- approvals ----------------------------------------------------------------
+
+    def _follow_approvals(self, received: Received, state: RunState) -> None:
+        """Ask about each call that waits for approval; stop asking once the
+        call went on without this answer (its tool_executing: decided
+        elsewhere, or expired) or the run ended."""
+        raw = received.raw
+        call_id = raw.get("tool_call_id", "")
+        if received.type == "approval_required" and not state.cancel_requested:
+            assert self._nursery is not None
+            asking = state.asking[call_id] = Asking()
+            self._nursery.start_soon(self._ask_approval, raw, asking)
+        elif received.type == "tool_executing":
+            self._stop_asking(state, [call_id])
+        elif received.type in TERMINAL:
+            self._stop_asking(state, list(state.asking))
+
+    def _stop_asking(self, state: RunState, call_ids: list[str]) -> None:
+        for call_id in call_ids:
+            asking = state.asking.pop(call_id, None)
+            if asking is None:
+                continue
+            asking.scope.cancel()
+            if asking.waiting:  # said here, in order with the run's own lines
+                asking.waiting = False
+                self.out.note("(no longer waiting for this answer)")
+
+    async def _ask_approval(self, raw: dict[str, Any], asking: Asking) -> None:
+        out, sym = self.out, self.out.symbols
+        with asking.scope:
+            async with self._asking:
+                out.line(f"{sym.gear} {raw.get('tool')} {_short(raw.get('args'))} needs your approval", style="yellow")
+                asking.waiting = True
+                approve, reason = await self._yes_or_no()
+                asking.waiting = False
+            try:
+                await self.conn.decide(raw["run_id"], raw["tool_call_id"], approve=approve, reason=reason)
+            except DecisionRefused as exc:
+                out.error(f"the decision was not taken ({exc.code}): {exc.message}")
+            except ConnectionClosed:
+                pass  # the close watcher reports it
+
+    async def _yes_or_no(self) -> tuple[bool, str | None]:
+        """y or n (n may be followed by a reason for the model); the end of
+        input is a no."""
+        assert self._lines is not None
+        while True:
+            self.out.ask("approve? [y/n, or n REASON] ")
+            try:
+                line = await self._lines.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return False, "no answer (the terminal's input ended)"  # the next line ends the question's
+            self.out.question_open = False  # a terminal echoed the line and its Enter
+            if not os.isatty(0):  # nothing echoed the answer: show it
+                self.out.line(line.strip())
+            word, _, rest = line.strip().partition(" ")
+            match word.lower().rstrip(",:"):
+                case "y" | "yes":
+                    return True, None
+                case "n" | "no":
+                    return False, rest.strip() or None
+            self.out.error("answer y or n")
 
     async def _watch_sigint(self, sigint: AsyncIterator[int]) -> None:
         async for _ in sigint:
@@ -355,6 +447,8 @@ class Output:
     markdown: bool = False
     transient: bool = False
     answer_open: bool = False
+    #: An approval question waits on its line for the typed answer.
+    question_open: bool = False
     live: LiveMarkdown | None = None
 
     @classmethod
@@ -381,6 +475,9 @@ class Output:
         if self.transient:
             self._write("\r\033[K")
             self.transient = False
+        if self.question_open:  # nobody answered it on its line: what follows starts a line of its own
+            self._write("\n")
+            self.question_open = False
         self.end_answer()
 
     def status(self, text: str) -> None:
@@ -442,3 +539,10 @@ class Output:
     def prompt(self) -> None:
         self._settle()
         self._write("you> ")
+
+    def ask(self, question: str) -> None:
+        """A question whose answer is typed on the same line; until then,
+        anything else printed starts on a line of its own."""
+        self._settle()
+        self._write(self._style(question, "yellow"))
+        self.question_open = True

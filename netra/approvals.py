@@ -86,6 +86,8 @@ class Decision:
     reason: str | None = None
     #: Nobody decided before the approval expired (``reason`` is TIMEOUT).
     timed_out: bool = False
+    #: Refused by netra, not by the user: nobody could be asked (``reason`` says why).
+    unasked: bool = False
 
     @property
     def outcome(self) -> str:
@@ -98,6 +100,8 @@ class Decision:
         """The failed result a refused call gives the model and the client."""
         if self.timed_out:
             return "not approved: the user did not decide in time (timeout)"
+        if self.unasked:
+            return f"not approved: {self.reason}"
         return "the user declined this call" + (f": {self.reason}" if self.reason else "")
 
 
@@ -246,7 +250,7 @@ class Approver:
         key = (self.user_id, self.run_id, tool_call_id)
         waiting = self.board._open(key, tool)
         if waiting is None:
-            return Decision(approved=False, reason="another call with this id is already waiting for the user")
+            return Decision(approved=False, unasked=True, reason="another call with this id already waits")
         requested_at = time.time()
         deadline = trio.current_time() + self.timeout_s
         record = ApprovalRecord(

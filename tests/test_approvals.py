@@ -15,7 +15,10 @@ import pytest
 import trio
 
 from netra.agents import Agent, AgentSet, builtin_agents
+from netra.agents.runner import AgentLoop
+from netra.approvals import ApprovalBoard, Approver
 from netra.client import ApprovalRequired, DecisionRefused, connect
+from netra.hub import Hub
 from netra.store import MemoryStore
 from netra.testing import config_for_tests, open_hub, open_server, token_for
 from netra.tools import tool
@@ -486,3 +489,34 @@ async def test_approvals_are_in_the_threads_history(any_backend):
                                 headers={"Authorization": f"Bearer {token_for(server, 'mallory')}"}))
         assert other.status_code == 404
         await settle(server.hub)
+
+
+# -- refusals nobody asked for ------------------------------------------------------------
+
+
+async def test_a_call_nobody_can_be_asked_about_is_refused_not_declined(autojump_clock):
+    """An agent loop run without an approver (an embedding that cannot ask
+    anyone), and a model that gives two waiting calls one id: the call is
+    refused in netra's words, never as if the user had declined it."""
+    hub = Hub.build(config_for_tests(), extra_tools=TOOLS)
+    agent = hub.agents["assistant"]
+    events = []
+    loop = AgentLoop(
+        run_id="r", thread_id="t", message_id="m", agent=agent, model=hub.model,
+        tools=hub.agent_tools["assistant"], specs=hub.agent_specs["assistant"], limits=hub.run_limits(agent),
+        emit=events.append, model_limiter=trio.CapacityLimiter(1), tool_limiters={},
+    )
+    answer = await loop.execute([], TRANSFER)
+    [completed] = [e for e in events if e.type == "tool_completed"]
+    assert completed.error == "not approved: it needs the user's approval and nobody can be asked"
+    assert "transfer failed: not approved" in answer
+
+    store = MemoryStore()
+    await store.open()
+    board = ApprovalBoard()
+    approver = Approver(board=board, store=store, user_id="u", run_id="r", thread_id="t",
+                        scope=trio.CancelScope(), emit=events.append, timeout_s=5.0)
+    board._open(("u", "r", "call_1"), transfer)
+    twice = await approver("call_1", transfer, {"amount": 1, "to": "x"})
+    assert twice.refusal() == "not approved: another call with this id already waits"
+    assert len(board) == 1  # the first one still waits

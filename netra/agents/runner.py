@@ -295,7 +295,7 @@ class AgentLoop:
         if not asks_approval(rule, checked):
             return None
         if self.approve is None:
-            return Decision(approved=False, reason="it needs the user's approval, and no one can be asked here")
+            return Decision(approved=False, unasked=True, reason="it needs the user's approval and nobody can be asked")
         return await self.approve(call.id, tool, args)
 
     async def _invoke(self, tool: Tool, raw_arguments: str) -> Any:

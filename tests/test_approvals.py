@@ -520,3 +520,19 @@ async def test_a_call_nobody_can_be_asked_about_is_refused_not_declined(autojump
     twice = await approver("call_1", transfer, {"amount": 1, "to": "x"})
     assert twice.refusal() == "not approved: another call with this id already waits"
     assert len(board) == 1  # the first one still waits
+
+
+async def test_a_drain_cancels_a_waiting_run_after_its_grace():
+    async with open_server(config_for_tests(drain_grace_s=0.3, close_timeout_s=1.0), extra_tools=TOOLS) as server:
+        with trio.fail_after(15):
+            async with connect(server.ws_url, token_for(server, "ann")) as conn:
+                events = []
+                async for event in conn.run(TRANSFER):
+                    events.append(event)
+                    if event.type == "approval_required":
+                        server.request_stop()
+                assert events[-1].type == "agent_cancelled" and events[-1].raw["reason"] == "shutdown"
+                assert "tool_executing" not in [e.type for e in events]
+                assert (await conn.wait_closed()).code == 1001
+            await server._stopped.wait()
+        assert len(server.hub.approvals) == 0

@@ -24,6 +24,7 @@ from netra.testing import config_for_tests, open_hub, open_server, token_for
 from netra.tools import tool
 
 from .conftest import settle
+from ._backends import uid
 from .test_store import ALL_BACKENDS, backend_named
 from .test_store_e2e import RecordingModel
 
@@ -453,7 +454,7 @@ async def test_approvals_are_in_the_threads_history(any_backend):
         open_server(config, extra_tools=TOOLS, store=store) as server,
         httpx.AsyncClient(base_url=server.http_url, timeout=10) as http,
     ):
-        token = token_for(server, "ann")
+        token = token_for(server, uid("ann"))  # the PostgreSQL database is the session's: a user of its own
         auth = {"Authorization": f"Bearer {token}"}
         with trio.fail_after(30):
             async with connect(server.ws_url, token) as conn:
@@ -486,7 +487,7 @@ async def test_approvals_are_in_the_threads_history(any_backend):
         assert shown["runs"][0]["tool_calls"][0]["args"] == {"amount": 4, "to": "bo"}
         assert shown["runs"][1]["tool_calls"][0]["error"] == "the user declined this call: enough"
         other = (await http.get(f"/api/threads/{thread_id}",
-                                headers={"Authorization": f"Bearer {token_for(server, 'mallory')}"}))
+                                headers={"Authorization": f"Bearer {token_for(server, uid('mallory'))}"}))
         assert other.status_code == 404
         await settle(server.hub)
 

@@ -15,6 +15,7 @@ from netra.client import DecisionRefused, connect
 from netra.server import Server
 from netra.testing import open_server, token_for
 
+from ._backends import uid
 from .conftest import settle
 from .test_approvals import TOOLS, TRANSFER
 from .test_cluster import cluster_config as cluster_config, events_until
@@ -30,12 +31,13 @@ async def two_nodes(make) -> AsyncIterator[tuple[Server, Server]]:
 
 
 async def test_a_decision_on_one_node_reaches_the_run_on_another(cluster_config) -> None:
+    user, stranger_id = uid("u"), uid("v")  # the PostgreSQL database is the session's: users of their own
     with trio.fail_after(TEST_TIMEOUT):
         async with two_nodes(cluster_config) as (a, b):
             async with (
-                connect(a.ws_url, token_for(a, "u")) as on_a,
-                connect(b.ws_url, token_for(b, "u")) as on_b,
-                connect(b.ws_url, token_for(b, "v")) as stranger,
+                connect(a.ws_url, token_for(a, user)) as on_a,
+                connect(b.ws_url, token_for(b, user)) as on_b,
+                connect(b.ws_url, token_for(b, stranger_id)) as stranger,
             ):
                 run = on_a.run(TRANSFER)
                 asked = (await events_until(run, "approval_required"))[-1].raw

@@ -176,12 +176,20 @@ class ApprovalBoard:
 
 
 def _check_edit(tool: Tool, args: dict[str, Any]) -> None:
+    """Edited arguments are checked as the model's are, by the tool's own
+    parse_arguments (an MCP tool checks with its server's JSON schema)."""
     try:
-        tool.check_arguments(args)
+        tool.parse_arguments(_json.dumps_str(args))
     except ToolArgumentsError as exc:
         raise BadRequest(
-            f"the edited arguments do not fit {tool.name}: {exc.message}. The call still waits for a decision."
+            f"the edited arguments do not fit {shown_name(tool)}: {exc.message}. "
+            "The call still waits for a decision."
         ) from None
+
+
+def shown_name(tool: Tool) -> str:
+    """The tool's name as users see it (an MCP tool's ``server.tool``), as in tool_executing."""
+    return tool.label or tool.name
 
 
 async def route_decision(hub: Hub, user_id: str, msg: ToolDecision) -> None:
@@ -207,8 +215,11 @@ async def route_decision(hub: Hub, user_id: str, msg: ToolDecision) -> None:
     ), None)  # fmt: skip
     if pending is None:
         raise NotFound(_NOT_WAITING)
-    if msg.decision == "approve" and msg.args is not None and pending.tool in hub.tools:
-        _check_edit(hub.tools[pending.tool], msg.args)
+    if msg.decision == "approve" and msg.args is not None:
+        tools = (t for registry in hub.agent_tools.values() for t in registry.values())
+        tool = next((t for t in tools if shown_name(t) == pending.tool), None)
+        if tool is not None:  # (else the run's node checks it, and a misfit is only logged there)
+            _check_edit(tool, msg.args)
     frame = {"type": "tool_decision", "run_id": msg.run_id, "tool_call_id": msg.tool_call_id,
              "decision": msg.decision, "args": msg.args, "reason": msg.reason}
     await cluster.send_control(node, {"op": "decide", "user_id": user_id, "decision": _json.dumps_str(frame)})
@@ -254,7 +265,7 @@ class Approver:
         requested_at = time.time()
         deadline = trio.current_time() + self.timeout_s
         record = ApprovalRecord(
-            run_id=self.run_id, thread_id=self.thread_id, tool_call_id=tool_call_id, tool=tool.name,
+            run_id=self.run_id, thread_id=self.thread_id, tool_call_id=tool_call_id, tool=shown_name(tool),
             args=args, status="pending", requested_at=requested_at, expires_at=requested_at + self.timeout_s,
         )  # fmt: skip
         try:
@@ -262,7 +273,7 @@ class Approver:
             await self._record(record)
             self.emit(ApprovalRequired(
                 run_id=self.run_id, thread_id=self.thread_id, tool_call_id=tool_call_id,
-                tool=tool.name, args=args, expires_at_ms=_epoch_ms(record.expires_at),
+                tool=record.tool, args=args, expires_at_ms=_epoch_ms(record.expires_at),
             ))  # fmt: skip
             with self._run_clock_paused(), trio.move_on_at(deadline):
                 await waiting.decided.wait()

@@ -47,8 +47,14 @@ class Agent:
 
     def approval_rule(self, tool: Tool) -> ApprovalRule:
         """Whether this agent's calls of ``tool`` need approval: its own
-        word for the tool, else the tool's."""
-        return self.approvals.get(tool.name, tool.needs_approval)
+        word for the tool (by the name it gives the tool: an MCP tool's
+        ``server.tool``), else the tool's."""
+        approvals = self.approvals
+        if not approvals:
+            return tool.needs_approval
+        if tool.label is not None and tool.label in approvals:
+            return approvals[tool.label]
+        return approvals.get(tool.name, tool.needs_approval)
 
 
 @attrs.frozen

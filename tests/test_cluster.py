@@ -431,15 +431,22 @@ async def test_a_session_dropped_on_one_node_resumes_on_another_with_nothing_los
             assert b.hub.metrics.sessions_resumed.labels("relayed")._value.get() == 1
 
 
+async def dropped_mid_stream(server: Server, user: str, chunks: int, read: int) -> tuple[dict, list[dict]]:
+    """A session of ``user`` on ``server`` whose TCP connection is reset after
+    ``read`` events of a streamed answer: its ``connected`` and those events."""
+    first = await open_raw(server.ws_url, token_for(server, user))
+    connected = await first.read_event()
+    await first.send_json({"type": "user_message", "text": f"[[stream:{chunks}]] a story", "id": "s1"})
+    seen = [await first.read_event() for _ in range(read)]
+    first.reset()  # the network goes away: no close frame
+    return connected, seen
+
+
 async def test_a_relayed_session_dropped_again_resumes_on_its_own_node(cluster_config) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         ann = uid("ann")
         async with nodes(cluster_config, resume_window_s=30.0, scripted_delay_ms=20) as (a, b):
-            first = await open_raw(a.ws_url, token_for(a, ann))
-            connected = await first.read_event()
-            await first.send_json({"type": "user_message", "text": "[[stream:80]] a story", "id": "s1"})
-            seen = [await first.read_event() for _ in range(4)]
-            first.reset()
+            connected, seen = await dropped_mid_stream(a, ann, chunks=80, read=4)
             second = await open_raw(b.ws_url, token_for(b, ann))
             await second.read_event()
             await second.send_json(resume_frame(connected, last_seq=seen[-1]["seq"]))
@@ -466,11 +473,7 @@ async def test_a_resume_on_another_node_is_refused_for_another_user_or_a_wrong_t
     with trio.fail_after(TEST_TIMEOUT):
         ann = uid("ann")
         async with nodes(cluster_config, resume_window_s=30.0, scripted_delay_ms=20) as (a, b):
-            first = await open_raw(a.ws_url, token_for(a, ann))
-            connected = await first.read_event()
-            await first.send_json({"type": "user_message", "text": "[[stream:40]] a story", "id": "s1"})
-            seen = [await first.read_event() for _ in range(3)]
-            first.reset()
+            connected, seen = await dropped_mid_stream(a, ann, chunks=40, read=3)
             for n, (user, changes) in enumerate(((uid("bob"), {}), (ann, {"resume_token": "wrong"}),
                                   (ann, {"session_id": "ses_000000000000ffffffff"}))):
                 other = await open_raw(b.ws_url, token_for(b, user))

@@ -26,6 +26,7 @@ import pytest
 import trio
 
 from netra.client import ConnectionClosed, RunRefused, connect
+from netra.cluster import redis_client
 from netra.hub import Hub
 from netra.server import Server
 from netra.testing import TEST_SECRET, config_for_tests, open_server, token_for
@@ -492,3 +493,31 @@ async def test_a_resume_on_another_node_is_refused_for_another_user_or_a_wrong_t
             await own.send_json(resume_frame(connected, last_seq=seen[-1]["seq"]))
             assert (await own.read_event())["type"] == "resumed"
             assert (await read_until(own, "agent_completed"))[-1]["type"] == "agent_completed"
+
+
+async def test_a_node_survives_its_redis_connections_being_cut(cluster_config, redis_url) -> None:
+    """Redis restarts, a proxy drops connections: every connection of one
+    node is killed from Redis's side. The node goes on serving, and once it
+    has reconnected its cancels and limits work across the cluster again."""
+    with trio.fail_after(TEST_TIMEOUT * 2):
+        async with nodes(cluster_config) as (a, b):
+            async with redis_client(redis_url, decode_responses=True) as admin:
+                name = f"netra:{a.hub.store.node_id}"
+                ids = [c["id"] for c in await admin.client_list() if c.get("name") == name]
+                assert ids  # the node's pool, its lease keeper's and its control channel's pub/sub
+                for client_id in ids:
+                    await admin.client_kill(identifier=int(client_id))
+            async with connect(a.ws_url, token_for(a, "u")) as on_a, connect(b.ws_url, token_for(b, "u")) as on_b:
+                assert (await on_a.collect("hello"))[-1].type == "agent_completed"
+                with trio.fail_after(10):  # subscribed again: a cancel from b reaches a's run
+                    while True:
+                        run = on_a.run(SLEEP % 20000)
+                        started = await events_until(run, "tool_executing")
+                        await on_b.cancel(run_id=started[0].raw["run_id"])
+                        with trio.move_on_after(1.5) as waited:
+                            ended = [e async for e in run]
+                        if not waited.cancelled_caught:
+                            break
+                        await on_a.cancel(run_id=started[0].raw["run_id"])  # lost meanwhile: tidy up
+                        assert [e async for e in run][-1].type == "agent_cancelled"
+                assert ended[-1].type == "agent_cancelled" and ended[-1].raw["reason"] == "client"

@@ -156,7 +156,7 @@ class ClusterNode:
 
     @classmethod
     def from_url(cls, url: str, *, node_id: str, ttl: float, prefix: str = "netra:") -> ClusterNode:
-        redis = redis_client(url)
+        redis = redis_client(url, client_name=f"netra:{node_id}")  # CLIENT LIST tells the nodes apart
         keeper = LeaseKeeper(redis, ttl=ttl, prefix=prefix, node_id=node_id)
         return cls(redis=redis, keeper=keeper, node_id=node_id, prefix=prefix)
 

@@ -433,6 +433,16 @@ def test_global_caps_are_split_rounding_up():
     assert split_limits(config, 1) == {name: getattr(config, name) for name in SPLIT_LIMITS}
 
 
+def test_workers_of_a_cluster_split_only_their_sockets():
+    """With Redis the workers are nodes of a cluster: the caps hold whole,
+    across all of them, and only each process's own sockets are split."""
+    config = Config(max_connections=10, max_runs=5, redis_url="redis://127.0.0.1:6379/0")
+    assert split_limits(config, 3) == {"max_connections": 4}
+    line = limits_line(config, 3)
+    assert "every limit holds across all workers and nodes through Redis" in line
+    assert "max_connections 4" in line and "max_runs" not in line
+
+
 def _listener(port: int, **kwargs) -> Listener:
     async def nothing(*args) -> None:
         pass

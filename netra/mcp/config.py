@@ -25,8 +25,7 @@ the tools that do (by the server's own names), a table of tool names to
 follows what the server says of each tool in its MCP annotations
 (:data:`APPROVAL_MODES`). The default is ``false``: a server's tools ran
 without asking before the setting existed, and must not start waiting for
-a user (or, where nobody can be asked, be refused) because netra was
-upgraded.
+a decision nobody expects because netra was upgraded.
 
 Parsing is strict: an unknown key, a wrong type or a server named both by
 ``command`` and ``url`` is a :class:`ValueError` naming the entry, so a typo

@@ -11,7 +11,9 @@ any MCP server netra talks to would; :func:`stdio_command` and
 Its tools cover what netra must handle: a plain result, a tool error, a call
 that hangs, a server that dies mid-call, a large result, constraints a
 JSON schema states but netra's own validator does not know, a name with a
-dot, and the environment netra gave the process.
+dot, the environment netra gave the process, and the MCP annotations a
+tool's approval may follow (``peek`` read-only, ``erase`` destructive,
+``append`` additive; the others say nothing).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def build() -> Any:
     import anyio
     from mcp.server.mcpserver import MCPServer
     from mcp.server.mcpserver.exceptions import ToolError
+    from mcp.types import ToolAnnotations
 
     server = MCPServer("netra-test")
 
@@ -93,6 +96,21 @@ def build() -> Any:
     def environment(name: str) -> str:
         """The value of one environment variable of the server process."""
         return os.environ.get(name, "<unset>")
+
+    @server.tool(annotations=ToolAnnotations(read_only_hint=True))
+    def peek(key: str) -> str:
+        """Read a value (annotated read-only)."""
+        return f"{key}: 42"
+
+    @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True))
+    def erase(key: str) -> str:
+        """Delete a value (annotated destructive)."""
+        return f"{key}: erased"
+
+    @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False))
+    def append(text: str) -> str:
+        """Add a line (annotated as writing, but only adding)."""
+        return f"appended: {text}"
 
     return server
 

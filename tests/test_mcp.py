@@ -63,7 +63,7 @@ async def test_runs_call_the_tools_of_an_mcp_server(transport, monkeypatch):
             specs = {s.name: s for s in hub.agent_specs["assistant"]}
             assert {"test__add", "test__hang", "test__lookup_city", "calculator"} <= set(specs)
             assert specs["test__add"].parameters["required"] == ["a", "b"]
-            assert hub.mcp.states() == {"test": {"state": "ready", "tools": 10}}
+            assert hub.mcp.states() == {"test": {"state": "ready", "tools": 13}}
             assert all("test__add" in {s.name for s in specs} for specs in hub.agent_specs.values())
 
             async with served.connect(user_id="alice") as conn:
@@ -216,10 +216,10 @@ async def test_a_websocket_run_calls_an_mcp_tool_end_to_end():
                 return [s.name for s in hub.agent_specs[agent] if s.name.startswith("test__")]
 
             assert mcp_tools("clerk") == ["test__add"] and "calculator" in {s.name for s in hub.agent_specs["clerk"]}
-            assert len(mcp_tools("assistant")) == 10
+            assert len(mcp_tools("assistant")) == 13
             async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
                 ready = await http.get("/readyz")
-                assert ready.status_code == 200 and ready.json()["mcp"] == {"test": {"state": "ready", "tools": 10}}
+                assert ready.status_code == 200 and ready.json()["mcp"] == {"test": {"state": "ready", "tools": 13}}
                 assert 'netra_limiter_borrowed{limiter="mcp:test"} 0.0' in (await http.get("/metrics")).text
             async with connect(server.ws_url, token_for(server, "ann")) as conn:
                 events = [e async for e in conn.run('add [[tool:test__add {"a": 20, "b": 22}]]', agent="clerk")]

@@ -1,6 +1,6 @@
 """The mcp_servers setting: TOML tables, the JSON of NETRA_MCP_SERVERS, the
-short forms, and a clear ValueError for anything else (never another
-exception, whatever the text)."""
+short forms, needs_approval in its forms, and a clear ValueError for
+anything else (never another exception, whatever the text)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from netra import cli
 from netra.config import Config, unknown_variables
-from netra.mcp.config import McpServerConfig, parse_mcp_servers
+from netra.mcp.config import APPROVAL_MODES, ApprovalPolicy, McpServerConfig, parse_mcp_servers
 
 
 def test_toml_tables_at_top_level_or_under_netra(tmp_path):
@@ -99,6 +100,15 @@ def test_headers_and_env_stay_out_of_repr():
         ({"files": {"command": "x", "concurrency": True}}, "whole number"),
         ({"files": {"command": "x", "concurrency": 0}}, "whole number"),
         ({"files": {"command": "x", "cwd": 3}}, "cwd"),
+        ({"files": {"command": "x", "needs_approval": "yes"}}, 'needs_approval: expected true, false, "destructive"'),
+        ({"files": {"command": "x", "needs_approval": "true"}}, "a list of tool names or a table"),
+        ({"files": {"command": "x", "needs_approval": 1}}, "needs_approval: expected true, false"),
+        ({"files": {"command": "x", "needs_approval": ["a", 2]}}, "needs_approval: expected a list of the server's"),
+        ({"files": {"command": "x", "needs_approval": [""]}}, "needs_approval: expected a list of the server's"),
+        ({"files": {"command": "x", "needs_approval": {"a": "no"}}}, 'needs_approval.a: expected true, false, "destructive" or "writes"'),
+        ({"files": {"command": "x", "needs_approval": {"a b": None}}}, "needs_approval['a b']: expected"),
+        ({"files": {"command": "x", "needs_approval": {"*": ["a"]}}}, "needs_approval['*']: expected"),
+        ({"files": {"command": "x", "needs_approval": {"": True}}}, "needs_approval: '' is not a tool name"),
         ({"files": 3}, "expected a table, a URL or a command"),
         ({"my.files": "x"}, "server name"),
         ({"": "x"}, "server name"),
@@ -116,11 +126,77 @@ def test_a_bad_value_fails_loading_like_any_other_setting():
         Config.load(environ={"NETRA_MCP_SERVERS": '{"files": {}}'})
 
 
+def test_needs_approval_in_its_toml_forms(tmp_path):
+    path = tmp_path / "netra.toml"
+    path.write_text("""
+[mcp_servers.plain]
+command = "srv"
+
+[mcp_servers.all]
+command = "srv"
+needs_approval = true
+
+[mcp_servers.some]
+command = "srv"
+needs_approval = ["write_file", "move_file", "write_file"]
+
+[mcp_servers.marked]
+url = "https://marked.example/mcp"
+needs_approval = "destructive"
+
+[mcp_servers.mixed]
+command = "srv"
+[mcp_servers.mixed.needs_approval]
+"*" = "writes"
+append_note = false
+"lookup.city" = true
+""")
+    policies = {s.name: s.needs_approval for s in Config.load(environ={}, file=path).mcp_servers}
+    assert policies == {
+        "plain": ApprovalPolicy(),
+        "all": ApprovalPolicy(default=True),
+        "some": ApprovalPolicy(tools=(("write_file", True), ("move_file", True))),
+        "marked": ApprovalPolicy(default="destructive"),
+        "mixed": ApprovalPolicy(default="writes", tools=(("append_note", False), ("lookup.city", True))),
+    }
+    mixed = policies["mixed"]
+    assert (mixed.rule_for("append_note"), mixed.rule_for("lookup.city"), mixed.rule_for("other")) == (
+        False, True, "writes"
+    )
+
+
+def test_a_bad_needs_approval_stops_netra_serve_with_exit_2(monkeypatch, capsys):
+    monkeypatch.setenv("NETRA_DATABASE_URL", "none")
+    monkeypatch.setenv("NETRA_JWT_SECRET", "x" * 32)
+    monkeypatch.setenv("NETRA_MCP_SERVERS", json.dumps({"files": {"command": "srv", "needs_approval": "always"}}))
+    assert cli.main(["serve", "--port", "0"]) == 2
+    assert capsys.readouterr().err.startswith(
+        'netra serve: mcp_servers.files.needs_approval: expected true, false, "destructive", "writes", '
+    )
+
+
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=20,
 )
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json | st.sampled_from([*APPROVAL_MODES, "*"]) | st.lists(st.sampled_from(["*", "a", "destructive"])))
+def test_any_needs_approval_is_parsed_or_refused_naming_the_server(value):
+    entry = json.dumps({"files": {"command": "srv", "needs_approval": value}})
+    try:
+        (server,) = parse_mcp_servers(entry)
+    except ValueError as exc:
+        assert str(exc).startswith("mcp_servers.files.needs_approval")
+    else:
+        policy = server.needs_approval
+        assert all(rule is True or rule is False or rule in APPROVAL_MODES for _, rule in policy.tools)
+        assert policy.default is True or policy.default is False or policy.default in APPROVAL_MODES
+        assert "*" not in dict(policy.tools)
+        for name in ("a", "b", "*"):
+            assert isinstance(policy.asks(name), bool) and isinstance(policy.asks(name, read_only=True), bool)
 
 
 @settings(max_examples=300, deadline=None)
@@ -145,10 +221,28 @@ _url_entry = st.fixed_dictionaries(
     {"url": st.builds("https://{}.example/{}".format, _names, st.from_regex(r"\A[a-z/]{0,10}\Z"))},
     optional={"headers": _pairs, "concurrency": st.integers(1, 1000), "connect_timeout_s": st.floats(0.001, 1e6)},
 )
+_rules = st.booleans() | st.sampled_from(APPROVAL_MODES)
+_tool_names = st.text(min_size=1, max_size=20).filter(lambda n: n != "*")
+_approval = st.one_of(
+    _rules,
+    st.lists(_tool_names, max_size=4),
+    st.dictionaries(_tool_names | st.just("*"), _rules, max_size=4),
+)
+
+
+def _expected_rule(needs_approval, tool):
+    """What the written needs_approval says of ``tool``, read the simple way."""
+    if isinstance(needs_approval, list):
+        return tool in needs_approval
+    if isinstance(needs_approval, dict):
+        return needs_approval.get(tool, needs_approval.get("*", False))
+    return needs_approval
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(_names, _command_entry | _url_entry, max_size=4))
+@given(st.dictionaries(_names, st.tuples(_command_entry | _url_entry, st.none() | _approval), max_size=4).map(
+    lambda t: {n: e if a is None else {**e, "needs_approval": a} for n, (e, a) in t.items()}
+))
 def test_every_valid_table_reads_back_as_written(table):
     servers = parse_mcp_servers(json.dumps(table))
     assert [s.name for s in servers] == list(table)
@@ -162,4 +256,8 @@ def test_every_valid_table_reads_back_as_written(table):
         assert server.timeout_s == entry.get("timeout_s")
         assert server.concurrency == entry.get("concurrency")
         assert server.connect_timeout_s == entry.get("connect_timeout_s", 30.0)
+        written = entry.get("needs_approval", False)
+        named = written if isinstance(written, list) else list(written) if isinstance(written, dict) else []
+        for tool in [*named, "some_other_tool"]:
+            assert server.needs_approval.rule_for(tool) == _expected_rule(written, tool)
     assert parse_mcp_servers(servers) == servers

@@ -1,5 +1,7 @@
-"""MCP tools as netra tools: the names the model sees, and argument checks
-against a server's JSON schema in words a model can act on."""
+"""MCP tools as netra tools: the names the model sees, argument checks
+against a server's JSON schema in words a model can act on, and whether a
+tool's calls wait for approval (its server's needs_approval and the tool's
+annotations)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netra.mcp.tools import McpTool, ToolInfo, make_tools, model_names
+from netra.mcp.config import ApprovalPolicy, parse_mcp_servers
+from netra.mcp.tools import McpTool, ToolHints, ToolInfo, make_tools, model_names
 from netra.tools.base import _NAME_RE, ToolArgumentsError
 
 PICK = {
@@ -119,3 +122,56 @@ async def test_invoking_calls_the_server_by_its_own_name():
     spec = tool.spec()
     spec.parameters["properties"].clear()
     assert json.dumps(tool.parameters) == json.dumps(PICK)
+
+
+_OBJECT = {"type": "object"}
+#: Each tool says something else in its annotations.
+HINTED = [
+    ToolInfo("bare", "Says nothing.", _OBJECT),
+    ToolInfo("reader", "Read-only.", _OBJECT, ToolHints(read_only=True)),
+    ToolInfo("reader_who_destroys", "Read-only wins.", _OBJECT, ToolHints(read_only=True, destructive=True)),
+    ToolInfo("adder", "Writes, only adding.", _OBJECT, ToolHints(read_only=False, destructive=False)),
+    ToolInfo("shredder", "Destroys.", _OBJECT, ToolHints(read_only=False, destructive=True)),
+    ToolInfo("unsure", "Not read-only, no more said.", _OBJECT, ToolHints(read_only=False)),
+]
+
+
+def _asking(needs_approval) -> list[str]:
+    """The tools of HINTED whose calls need approval under this setting."""
+    (config,) = parse_mcp_servers({"srv": {"command": "x", "needs_approval": needs_approval}})
+    tools = make_tools("srv", HINTED, _call, taken=lambda n: False, timeout_s=None, approval=config.needs_approval)
+    assert all(t.needs_approval in (True, False) for t in tools)
+    return [t.remote_name for t in tools if t.needs_approval]
+
+
+ALL = [i.name for i in HINTED]
+
+
+@pytest.mark.parametrize(
+    ("needs_approval", "asking"),
+    [
+        (None, []),
+        (False, []),
+        (True, ALL),
+        (["shredder", "reader", "absent"], ["reader", "shredder"]),
+        ([], []),
+        ({"adder": True, "bare": False}, ["adder"]),
+        ({"*": True, "reader": False}, [n for n in ALL if n != "reader"]),
+        # the spec's defaults where a tool says nothing: not read-only, destructive
+        ("destructive", ["bare", "shredder", "unsure"]),
+        ("writes", ["bare", "adder", "shredder", "unsure"]),
+        ({"*": "destructive", "adder": True, "shredder": False}, ["bare", "adder", "unsure"]),
+        ({"reader": "writes", "adder": "destructive"}, []),
+        ({"*": "writes", "bare": "destructive"}, ["bare", "adder", "shredder", "unsure"]),
+    ],
+)
+def test_needs_approval_chooses_tools_by_name_and_by_annotations(needs_approval, asking):
+    assert _asking(needs_approval) == asking
+
+
+def test_a_tool_without_annotations_asks_in_either_annotation_mode():
+    for mode in ("destructive", "writes"):
+        assert ApprovalPolicy(default=mode).asks("anything")
+        assert not ApprovalPolicy(default=mode).asks("anything", read_only=True)
+    assert ApprovalPolicy(default="writes").asks("t", read_only=False, destructive=False)
+    assert not ApprovalPolicy(default="destructive").asks("t", read_only=False, destructive=False)

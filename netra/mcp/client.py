@@ -43,7 +43,7 @@ from .. import __version__
 from ..errors import ToolError
 from .config import McpServerConfig
 from .errors import McpUnavailable
-from .tools import ToolInfo
+from .tools import ToolHints, ToolInfo
 
 log = logging.getLogger("netra.mcp")
 
@@ -70,9 +70,10 @@ class SdkSession:
             for _ in range(_MAX_PAGES):
                 page = await self.client.list_tools(cursor=cursor)
                 infos.extend(
-                    ToolInfo(name=t.name, description=t.description or t.title or "", input_schema=dict(t.input_schema))
+                    ToolInfo(name=t.name, description=t.description or t.title or "",
+                             input_schema=dict(t.input_schema), hints=_hints(t.annotations))
                     for t in page.tools
-                )
+                )  # fmt: skip
                 cursor = page.next_cursor
                 if cursor is None:
                     break
@@ -216,6 +217,13 @@ def _translate(exc: BaseException, doing: str) -> Exception:
 
 def _short(exc: BaseException) -> str:
     return (str(exc) or type(exc).__name__).splitlines()[0][:300]
+
+
+def _hints(annotations: mcp_types.ToolAnnotations | None) -> ToolHints:
+    """The annotations approval may follow (the SDK has checked they are booleans)."""
+    if annotations is None:
+        return ToolHints()
+    return ToolHints(read_only=annotations.read_only_hint, destructive=annotations.destructive_hint)
 
 
 def _text(content: list[Any]) -> str:

@@ -10,12 +10,22 @@ One value, two spellings of the same table. In the TOML file::
     url = "https://search.example/mcp"
     headers = { Authorization = "Bearer ..." }
     timeout_s = 10
+    needs_approval = "destructive"
 
 and in ``NETRA_MCP_SERVERS`` the same table as a JSON object
 (``{"files": {"command": [...]}, "search": {"url": "..."}}``). An entry may
 also be just a string, a URL (``"https://..."``) or a command line split as a
 shell would (``"npx -y @modelcontextprotocol/server-filesystem /srv/docs"``),
 or a list of strings, the command.
+
+``needs_approval`` says which of a server's tools wait for the user's
+approval (netra.approvals): ``true`` or ``false`` for all of them, a list of
+the tools that do (by the server's own names), a table of tool names to
+``true`` or ``false`` (``"*"``: every tool it does not name), or a mode that
+follows what the server says of each tool in its MCP annotations
+(:data:`APPROVAL_MODES`). The default is ``false``: a server's tools ran
+without asking before the setting existed, and must not start waiting for
+a decision nobody expects because netra was upgraded.
 
 Parsing is strict: an unknown key, a wrong type or a server named both by
 ``command`` and ``url`` is a :class:`ValueError` naming the entry, so a typo
@@ -30,14 +40,64 @@ import math
 import re
 import shlex
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import attrs
 
 #: A server's name: the prefix of its tools' names (``files.read_file``).
 SERVER_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
-_KEYS = ("command", "url", "env", "headers", "cwd", "agents", "timeout_s", "concurrency", "connect_timeout_s")
+#: A table key that messages may show bare (``needs_approval.write_file``); others are quoted.
+_PLAIN_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_KEYS = (
+    "command", "url", "env", "headers", "cwd", "agents", "timeout_s", "concurrency", "connect_timeout_s",
+    "needs_approval",
+)  # fmt: skip
+
+#: The annotation modes of ``needs_approval``: which tools ask by what their
+#: server says of them (MCP ``ToolAnnotations``; where it says nothing, the
+#: spec's defaults: not read-only, destructive). ``destructive`` asks for every
+#: tool except those marked ``readOnlyHint: true`` or ``destructiveHint:
+#: false``; ``writes`` for every tool except those marked ``readOnlyHint:
+#: true``. Annotations are the server's hints: trusted as far as the operator
+#: trusts the server, and a tool that says nothing asks.
+APPROVAL_MODES: Final = ("destructive", "writes")
+#: In a ``needs_approval`` table: the rule for every tool the table does not
+#: name (the characters the MCP spec allows in tool names leave ``*`` out,
+#: and ``server.*`` means all of a server's tools in an agent's tools too).
+EVERY_TOOL: Final = "*"
+
+#: One tool's rule: asks, does not, or as its annotations say (one of APPROVAL_MODES).
+ApprovalRule = bool | str
+
+
+@attrs.frozen(kw_only=True)
+class ApprovalPolicy:
+    """Which of one server's tools wait for the user's approval: a rule per
+    tool it names, and one for every other tool. A rule is fixed when the
+    server lists its tools (the annotations are the listing's), so a call
+    costs no more than a built-in tool's."""
+
+    #: The rule for every tool ``tools`` does not name.
+    default: ApprovalRule = False
+    #: (the server's name of a tool, its rule), in the order written.
+    tools: tuple[tuple[str, ApprovalRule], ...] = ()
+
+    def rule_for(self, tool: str) -> ApprovalRule:
+        return next((rule for name, rule in self.tools if name == tool), self.default)
+
+    def asks(self, tool: str, *, read_only: bool | None = None, destructive: bool | None = None) -> bool:
+        """Whether calls of ``tool`` need approval, given what its server's
+        annotations say (None: nothing, so the MCP defaults: not read-only,
+        destructive)."""
+        rule = self.rule_for(tool)
+        if isinstance(rule, bool):
+            return rule
+        if read_only is True:  # changes nothing (its destructiveHint then means nothing, says the spec)
+            return False
+        if rule == "writes":
+            return True
+        return destructive is not False  # "destructive": unless it says it only adds
 
 
 @attrs.frozen(kw_only=True)
@@ -63,6 +123,8 @@ class McpServerConfig:
     concurrency: int | None = None
     #: Time to start or reach the server and list its tools.
     connect_timeout_s: float = 30.0
+    #: Which of its tools wait for the user's approval (an agent may say otherwise).
+    needs_approval: ApprovalPolicy = ApprovalPolicy()
 
     @property
     def target(self) -> str:
@@ -137,7 +199,39 @@ def _server(name: Any, entry: Any) -> McpServerConfig:
         timeout_s=_seconds(entry.get("timeout_s"), f"{where}.timeout_s", optional=True),
         concurrency=_count(entry.get("concurrency"), f"{where}.concurrency"),
         connect_timeout_s=_seconds(entry.get("connect_timeout_s", 30.0), f"{where}.connect_timeout_s"),
+        needs_approval=_approval(entry.get("needs_approval"), f"{where}.needs_approval"),
     )  # fmt: skip
+
+
+def _approval(value: Any, where: str) -> ApprovalPolicy:
+    """``true``/``false``, a mode, a list of tool names that ask, or a
+    table of tool names (``"*"``: the others) to any of the first two."""
+    if value is None:
+        return ApprovalPolicy()
+    if isinstance(value, list | tuple):
+        if not all(isinstance(n, str) and n for n in value):
+            raise ValueError(f"{where}: expected a list of the server's tool names, got {_kind(value)}")
+        value = dict.fromkeys(value, True)
+    if not isinstance(value, Mapping):
+        return ApprovalPolicy(default=_rule(value, where, whole=True))
+    rules = {}
+    for name, rule in value.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where}: {name!r} is not a tool name")
+        rules[name] = _rule(rule, f"{where}.{name}" if _PLAIN_KEY_RE.match(name) else f"{where}[{name!r}]")
+    default = rules.pop(EVERY_TOOL, False)
+    return ApprovalPolicy(default=default, tools=tuple(rules.items()))
+
+
+def _rule(value: Any, where: str, *, whole: bool = False) -> ApprovalRule:
+    if isinstance(value, bool) or (isinstance(value, str) and value in APPROVAL_MODES):
+        return value
+    modes = [f'"{m}"' for m in APPROVAL_MODES]
+    forms = (
+        f"true, false, {', '.join(modes)}, a list of tool names or a table of tool names to those" if whole
+        else f"true, false, {', '.join(modes[:-1])} or {modes[-1]}"
+    )  # fmt: skip
+    raise ValueError(f"{where}: expected {forms}, got {_kind(value)}")
 
 
 def _command(value: Any, where: str) -> tuple[str, ...]:

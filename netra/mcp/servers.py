@@ -98,11 +98,13 @@ class McpServers:
 
     def _listed(self, connection: McpConnection) -> None:
         others = {t.name for name, tools in self._tools.items() if name != connection.name for t in tools}
+        config, listing = connection.config, connection.listing or ()
         self._tools[connection.name] = tuple(make_tools(
-            connection.name, connection.listing or (), connection.call,
+            connection.name, listing, connection.call,
             taken=lambda name: name in self.reserved or name in others,
-            timeout_s=connection.config.timeout_s,
+            timeout_s=config.timeout_s, approval=config.needs_approval,
         ))  # fmt: skip
+        _warn_unlisted(config, {i.name for i in listing})
         self._on_change()
 
     async def problems(self, timeout_s: float = 2.0) -> list[str]:
@@ -122,3 +124,16 @@ class McpServers:
     def states(self) -> dict[str, Any]:
         """Each server's state and tool count, for /readyz."""
         return {c.name: {"state": c.state, "tools": len(self._tools.get(c.name, ()))} for c in self.connections}
+
+
+def _warn_unlisted(config: McpServerConfig, listed: set[str]) -> None:
+    """Warn of tools ``needs_approval`` names that the server does not list:
+    a typo there would let a tool run unasked. Not refused at start-up, as
+    the server may be down then, and its listing may change."""
+    for name, _rule in config.needs_approval.tools:
+        if name in listed:
+            continue
+        own = name.removeprefix(f"{config.name}.")
+        hint = f" (name it as the server does: {own})" if own != name and own in listed else ""
+        log.warning("mcp_servers.%s.needs_approval names %s, which the server does not offer%s",
+                    config.name, name, hint, extra={"mcp_server": config.name})  # fmt: skip

@@ -16,6 +16,12 @@ depends on) before the call, and every problem is put in words a model can
 act on. A schema ``jsonschema`` finds invalid keeps its tool from being
 offered at all: providers refuse a request whose tool schema is broken, and
 that would fail every turn of every agent given the tool.
+
+Approval. Whether a tool's calls wait for the user is fixed when its server
+lists it, from the server's ``needs_approval`` setting and, for the
+annotation modes, what the listing says of the tool (:class:`ToolHints`); a
+new listing builds new tools, so changed annotations take effect with it.
+An agent may still say otherwise for itself (``Agent.approvals``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any
 import attrs
 
 from ..tools.base import Tool, ToolArgumentsError
+from .config import ApprovalPolicy
 
 log = logging.getLogger("netra.mcp")
 
@@ -41,12 +48,25 @@ _JSON_NAMES = {"string": "a string", "integer": "an integer", "number": "a numbe
 
 
 @attrs.frozen
+class ToolHints:
+    """What a server's MCP annotations say a tool does (None: nothing; the
+    spec's defaults are then not read-only and destructive). The spec's
+    other hints do not bear on approval and are not kept: ``idempotentHint``
+    is about calling again, not about the first call, and ``openWorldHint``
+    about the tool's reach (a web search is open-world and harmless)."""
+
+    read_only: bool | None = None
+    destructive: bool | None = None
+
+
+@attrs.frozen
 class ToolInfo:
     """What an MCP server says about one of its tools (SDK types stay at the edge)."""
 
     name: str
     description: str
     input_schema: dict[str, Any]
+    hints: ToolHints = ToolHints()
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -86,9 +106,11 @@ def make_tools(
     *,
     taken: Callable[[str], bool],
     timeout_s: float | None,
+    approval: ApprovalPolicy = ApprovalPolicy(),
 ) -> list[McpTool]:
     """The netra tools for one server's listing. ``taken`` says whether a
-    model name is already another tool's (a built-in's, another server's)."""
+    model name is already another tool's (a built-in's, another server's);
+    ``approval`` is the server's ``needs_approval``."""
     infos = list(listing)
     names = model_names(server, [i.name for i in infos], taken=taken)
     tools = []
@@ -101,6 +123,8 @@ def make_tools(
             name=names[info.name], label=f"{server}.{info.name}", description=description,
             parameters=copy.deepcopy(info.input_schema), fn=call, is_async=True, timeout_s=timeout_s,
             server=server, remote_name=info.name, validator=validator,
+            needs_approval=approval.asks(info.name, read_only=info.hints.read_only,
+                                         destructive=info.hints.destructive),
         ))  # fmt: skip
     return tools
 

@@ -124,7 +124,8 @@ class AguiRun:
             if len(pending) >= self.hub.config.outbox_size and not self._cut:
                 self.hub.metrics.outbox_full.inc()
                 if self.subscriber is None:
-                    return self._lose()
+                    self._lose()
+                    return
                 self._slow_consumer()
                 if kind not in TERMINAL:
                     return

@@ -71,6 +71,8 @@ class Hub:
     mcp: McpServers = attrs.field(factory=McpServers)
     #: Tool calls waiting for their user's decision (see netra.approvals).
     approvals: ApprovalBoard = attrs.field(factory=ApprovalBoard)
+    #: The runs started over AG-UI, which may outlive their request (see netra.agui).
+    agui: Any = attrs.field(init=False)
     # labelled metric children, each looked up once (see count_run)
     _runs_finished: dict[tuple[str, str], Any] = attrs.field(factory=dict, init=False)
     _tool_calls: dict[tuple[str, str], Any] = attrs.field(factory=dict, init=False)
@@ -91,6 +93,9 @@ class Hub:
             self._join(self.cluster)
         self.install_tools()
         self._wire_gauges()
+        from .agui._runs import AguiRuns  # (netra.agui needs the hub's module: imported once it is)
+
+        self.agui = AguiRuns(self)
 
     def _join(self, cluster: ClusterNode) -> None:
         self.model_gate = cluster.layered(self.model_limiter, "model")
@@ -258,10 +263,13 @@ class Hub:
         )
 
     async def open(self, nursery: trio.Nursery | None = None) -> None:
-        """Open what the hub holds that needs it: the store (connect, migrate)
-        and the MCP servers' connections, which live in ``nursery`` (the
-        server's services) and have all been tried when this returns."""
+        """Open what the hub holds that needs it: the store (connect, migrate),
+        the AG-UI run table and the MCP servers' connections, which live in
+        ``nursery`` (the server's services; the MCP connections have all
+        been tried when this returns)."""
         await self.store.open()
+        if nursery is not None:  # the AG-UI runs live there, beyond their requests
+            await nursery.start(self.agui.run)
         if self.mcp.connections:
             if nursery is None:
                 raise RuntimeError("MCP servers are configured: Hub.open needs the nursery their connections live in")

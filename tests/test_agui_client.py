@@ -11,6 +11,7 @@ package is installed here when ``make test`` has not done it already.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,9 +20,11 @@ from typing import Any
 import pytest
 import trio
 
-from netra.testing import token_for
+from netra.testing import config_for_tests, open_server, token_for
 
 from .conftest import by_label, settle
+from .test_agui import validate
+from .test_approvals import TOOLS, TRANSFER
 
 AGUI_JS = Path(__file__).parent / "agui_js"
 PLAIN, TOOL, FAILING = "hello", 'what is [[tool:calculator {"expression": "6*7"}]]', "try [[tool:fail {}]]"
@@ -47,12 +50,15 @@ def node() -> str:
     return node
 
 
-async def client(node: str, server: Any, scenario: str, token: str, *texts: str) -> tuple[dict[str, Any], str]:
+async def client(
+    node: str, server: Any, scenario: str, token: str, *texts: str, responses: list[Any] | None = None
+) -> tuple[dict[str, Any], str]:
     """Run tests/agui_js/run.mjs: what the client parsed, and what it printed on stderr."""
     with trio.fail_after(60):
         done = await trio.run_process(
             [node, str(AGUI_JS / "run.mjs"), scenario, f"{server.http_url}/agui", token, *texts],
             capture_stdout=True, capture_stderr=True, check=False,
+            env={**os.environ, "RESPONSES": json.dumps(responses or [])},
         )
     stderr = done.stderr.decode()
     assert done.returncode == 0, stderr[-3000:]
@@ -119,3 +125,52 @@ async def test_the_official_client_reports_a_bad_token(node, server):
     assert run["error"]["status"] == 401
     assert run["error"]["payload"] == {"code": "unauthorized", "message": "invalid token"}
     assert server.hub.snapshot()["runs_borrowed"] == 0
+
+
+async def test_the_official_client_reads_an_interrupt_and_resumes_the_run(node):
+    """A call that needs approval: the client gets RUN_FINISHED with the
+    interrupt outcome and keeps the interrupt as pending; it resumes with
+    its own buildResumeArray, the first time with edited arguments, and
+    reads the rest of the same run, to its end, without a warning."""
+    async with open_server(config_for_tests(), extra_tools=TOOLS) as server:
+        twice = f'{TRANSFER} and [[tool:transfer {{"amount": 9, "to": "cy"}}]]'
+        out, stderr = await client(node, server, "approve", token_for(server, "ann"), twice, responses=[
+            {"status": "resolved", "payload": {"approve": True, "args": {"amount": 4, "to": "bo"}}},
+            {"status": "cancelled"},
+        ])
+        assert stderr == "", stderr  # nothing the client warned about, dropped or could not apply
+        paused, again, done = out["runs"]
+        for run in out["runs"]:
+            assert run["error"] is None
+            validate(run["events"])
+            assert types(run)[0] == "RUN_STARTED" and types(run)[-1] == "RUN_FINISHED"
+        assert len({run["events"][0]["runId"] for run in out["runs"]}) == 3  # three AG-UI runs of one netra run
+        assert len({run["events"][0]["metadata"]["netra"]["run_id"] for run in out["runs"]}) == 1
+
+        # the first ends at the call, asking: the client parsed the outcome and holds the interrupt
+        assert types(paused)[-5:] == [*TOOL_CALL[:3], "STEP_FINISHED", "RUN_FINISHED"]
+        [interrupt] = paused["finished"]["interrupts"]
+        assert paused["finished"]["outcome"] == "interrupt"
+        assert paused["pendingInterrupts"] == [interrupt]
+        assert interrupt["reason"] == "tool_approval" and interrupt["toolCallId"].endswith(".call_1")
+        # resumed with the edit: the call's result, then the next call asks
+        assert again["finished"]["outcome"] == "interrupt"
+        [second] = again["pendingInterrupts"]
+        assert second["toolCallId"].endswith(".call_2")
+        assert json.loads(next(e for e in again["events"] if e["type"] == "TOOL_CALL_RESULT")["content"]) == {
+            "sent": 4, "to": "bo"}
+        # cancelled: the call is refused, the run answers and finishes; nothing is pending
+        assert done["finished"] == {"outcome": "success", "interrupts": None}
+        assert done["pendingInterrupts"] == []
+
+        # the client's own record of the conversation: one answer message with both calls and their results
+        messages = [m for m in out["messages"] if m["role"] != "reasoning"]
+        assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool"]
+        answer = messages[1]
+        assert [c["id"] for c in answer["toolCalls"]] == [interrupt["toolCallId"], second["toolCallId"]]
+        assert json.loads(messages[2]["content"]) == {"sent": 4, "to": "bo"}
+        assert json.loads(messages[3]["content"]) == {"error": "the user declined this call"}
+        _, stored, [run] = await server.hub.store.get_thread("ann", out["threadId"])
+        assert answer["content"] == stored[-1].text
+        assert [a.status for a in run.approvals] == ["approved", "denied"]
+        await settle(server.hub)

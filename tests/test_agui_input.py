@@ -1,5 +1,6 @@
-"""Reading an AG-UI ``RunAgentInput``: what netra takes from it, and that no
-body at all, however malformed, gets anything but a clean 4xx."""
+"""Reading an AG-UI ``RunAgentInput``: what netra takes from it (a run's
+message, or the answers of a resume), and that no body at all, however
+malformed, gets anything but a clean 4xx."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from netra.agui._input import RunRequest, parse_run_input
+from netra.agui._interrupts import ResumeAnswer
 from netra.errors import BadRequest, NetraError, TooLarge
 
 from .test_agui import run_input
@@ -53,7 +55,21 @@ def test_tools_context_and_state_are_accepted_and_left_alone():
         ({"threadId": "a" * 129}, BadRequest, "threadId"),
         ({"threadId": "with space"}, BadRequest, "threadId"),
         ({"runId": ""}, BadRequest, "runId"),
-        ({"resume": [{"interruptId": "i1", "status": "resolved"}]}, BadRequest, "resume"),
+        ({"resume": [{"interruptId": "i1", "status": "resolved"}]}, BadRequest, '"approve": true or false'),
+        ({"resume": [{"interruptId": "i1", "status": "resolved", "payload": {"approve": "yes"}}]}, BadRequest,
+         '"approve": true or false'),
+        ({"resume": [{"interruptId": "i1", "status": "resolved", "payload": {"approve": True, "why": 1}}]},
+         BadRequest, "unknown fields: why"),
+        ({"resume": [{"interruptId": "i1", "status": "resolved", "payload": {"approve": False, "args": {}}}]},
+         BadRequest, '"args" goes with "approve": true only'),
+        ({"resume": [{"interruptId": "i1", "status": "resolved", "payload": {"approve": True, "args": [1]}}]},
+         BadRequest, '"args" must be an object'),
+        ({"resume": [{"interruptId": "i1", "status": "resolved", "payload": {"approve": False, "reason": 3}}]},
+         BadRequest, '"reason" must be a string'),
+        ({"resume": [{"interruptId": "i1", "status": "cancelled"}] * 2}, BadRequest, "twice"),
+        ({"resume": [{"interruptId": "", "status": "cancelled"}]}, BadRequest, "interruptId"),
+        ({"resume": [{"interruptId": f"i{n}", "status": "cancelled"} for n in range(65)]}, BadRequest, "64"),
+        ({"resume": [{"interruptId": "i1", "status": "maybe"}]}, BadRequest, "resume.0.status"),
         ({"messages": [{"id": "", "role": "user", "content": "hi"}]}, BadRequest, "'id'"),
         ({"messages": [{"id": "m", "role": "user", "content": "x" * (MAX + 1)}]}, TooLarge, "longer"),
         ({"messages": [{"id": "m", "role": "user", "content": []}]}, BadRequest, "no text"),
@@ -66,6 +82,24 @@ def test_what_netra_cannot_run_is_refused_clearly(change, error, says):
     with pytest.raises(error) as caught:
         parse({**run_input("hi"), **change})
     assert says in caught.value.message
+
+
+def test_resume_entries_are_read_into_answers_and_need_no_new_user_message():
+    body = run_input(None, resume=[
+        {"interruptId": "a", "status": "resolved", "payload": {"approve": True, "args": {"amount": 1}}},
+        {"interruptId": "b", "status": "resolved", "payload": {"approve": False, "reason": "not now"}},
+        {"interruptId": "c", "status": "cancelled", "payload": "whatever it was"},
+    ], forwardedProps={"agent": "assistant"})
+    run = parse(body)
+    assert (run.text, run.message_id, run.agent) == (None, None, "assistant")
+    assert run.resume == (
+        ResumeAnswer(interrupt_id="a", status="resolved", approve=True, args={"amount": 1}),
+        ResumeAnswer(interrupt_id="b", status="resolved", approve=False, reason="not now"),
+        ResumeAnswer(interrupt_id="c", status="cancelled"),
+    )
+    # the conversation a resuming client resends: its latest user message is read as any
+    again = parse({**run_input("the question"), "resume": body["resume"]})
+    assert again.text == "the question" and len(again.resume) == 3
 
 
 def test_a_validation_error_names_the_field_and_is_bounded():
@@ -85,7 +119,8 @@ def clean(body: bytes | str) -> None:
         assert 400 <= exc.http_status < 500, exc
         assert exc.message and len(exc.message) < 2000
         return
-    assert isinstance(run, RunRequest) and run.text.strip()
+    assert isinstance(run, RunRequest)
+    assert run.text.strip() if run.text is not None else run.resume
 
 
 json_values = st.recursive(
@@ -106,10 +141,16 @@ messages = st.fixed_dictionaries(
     optional={"id": json_values | st.text(max_size=140), "content": json_values | st.lists(parts, max_size=3),
               "toolCallId": json_values, "toolCalls": json_values, "name": json_values},
 )
+answers = st.fixed_dictionaries(
+    {"interruptId": st.text(max_size=20) | json_values, "status": st.sampled_from(["resolved", "cancelled", "?"])},
+    optional={"payload": json_values | st.fixed_dictionaries(
+        {"approve": st.booleans() | json_values}, optional={"args": json_values, "reason": json_values, "x": json_values},
+    )},
+)
 near_inputs = st.builds(
     lambda base, replaced, msgs: {**base, **replaced, **({"messages": msgs} if msgs is not None else {})},
     st.just(run_input("hello")),
-    st.dictionaries(field_names, json_values, max_size=4),
+    st.dictionaries(field_names, json_values | st.lists(answers, max_size=3), max_size=4),
     st.none() | st.lists(messages, max_size=4),
 )
 

@@ -1,7 +1,8 @@
 """An AG-UI stream without a socket: the body quart iterates, driven by
 hand over an in-memory hub under the autojump clock, so the timed rules
-(keep-alive comments, a client behind, a slow consumer, a client gone) are
-checked deterministically."""
+(keep-alive comments, a client behind, a slow consumer, a client gone, a
+run paused at an approval that nobody answers) are checked
+deterministically."""
 
 from __future__ import annotations
 
@@ -11,13 +12,18 @@ from typing import Any
 
 import trio
 
+import pytest
+
 from netra.agui._input import parse_run_input
 from netra.agui._stream import KEEP_ALIVE, AguiStream
 from netra.auth import Identity
+from netra.errors import NotFound
+from netra.protocol import ToolDecision
 from netra.testing import config_for_tests, open_hub
 
 from .conftest import by_label, settle
 from .test_agui import Answer, assert_agui_run, parse_sse, run_input
+from .test_approvals import TOOLS, TRANSFER
 
 
 def stream_for(hub: Any, text: str, *, user: str = "alice", **fields: Any) -> AguiStream:
@@ -105,3 +111,55 @@ async def test_a_body_left_early_cancels_its_run_as_its_users_disconnect(autojum
             "queued_runs": 0,
         }
         await settle(hub)
+
+
+# -- a run paused at an approval: owned by the server, not by a request ---------------------
+
+
+async def test_a_parked_run_nobody_answers_is_denied_at_its_timeout_and_finishes(autojump_clock):
+    async with open_hub(config_for_tests(approval_timeout_s=300.0), extra_tools=TOOLS) as server:
+        hub = server.hub
+        stream = stream_for(hub, TRANSFER, thread_id="parked")
+        with trio.fail_after(60):
+            answer = answer_of(await read_all(stream))
+        assert_agui_run(answer)
+        assert answer.terminal["outcome"]["type"] == "interrupt"
+        began = trio.current_time()
+        await trio.sleep(299)  # the request is long over; the run waits all that time
+        assert len(hub.approvals) == 1 and len(hub.agui) == 1 and hub.snapshot()["runs_borrowed"] == 1
+        await trio.sleep(2)
+        await settle(hub)
+        _, messages, [run] = await hub.store.get_thread("alice", "parked")
+        assert (run.status, run.approvals[0].status, run.approvals[0].reason) == ("completed", "denied", "timeout")
+        assert run.duration_ms == pytest.approx((trio.current_time() - began) * 1000, abs=3000)
+        assert "transfer failed: not approved" in messages[-1].text
+        assert len(hub.agui) == 0 and hub.snapshot()["connections"] == 0
+
+
+async def test_a_parked_run_that_does_too_much_unwatched_goes_on_but_cannot_be_resumed(autojump_clock):
+    """Decided from elsewhere, a parked run goes on with nobody streaming
+    it; past outbox_size events its events are dropped rather than held,
+    and a resume finds nothing (the thread will have the outcome)."""
+    async with open_hub(config_for_tests(outbox_size=8), extra_tools=TOOLS) as server:
+        hub = server.hub
+        calls = " ".join('[[tool:calculator {"expression": "1+%d"}]]' % i for i in range(6))
+        stream = stream_for(hub, f"{TRANSFER} {calls} [[tool:hang {{}}]]", thread_id="busy-parked")
+        with trio.fail_after(60):
+            answer = answer_of(await read_all(stream))
+        [interrupt] = answer.terminal["outcome"]["interrupts"]
+        meta = interrupt["metadata"]["netra"]
+        hub.approvals.decide("alice", ToolDecision(run_id=meta["run_id"], tool_call_id="call_1", decision="approve"))
+        await trio.sleep(5)
+        assert hub.snapshot()["runs_borrowed"] == 1 and hub.metrics.outbox_full._value.get() == 1  # going on
+        assert len(hub.agui) == 0  # but no longer resumable
+        resume = parse_run_input(json.dumps(run_input(None, thread_id="busy-parked", resume=[
+            {"interruptId": interrupt["id"], "status": "resolved", "payload": {"approve": True}}])),
+            max_text_chars=32000)
+        with pytest.raises(NotFound):
+            hub.agui.plan("alice", resume)
+        [run] = hub.users["alice"].runs
+        run.cancel("client", by="alice")
+        await settle(hub)
+        _, _, [stored] = await hub.store.get_thread("alice", "busy-parked")
+        assert stored.status == "cancelled" and len(stored.tool_calls) == 8
+        assert by_label(hub.metrics.runs_affected) == {}

@@ -9,6 +9,13 @@ the error says when to retry. After that, the answer is always ``200
 text/event-stream`` and every failure is the run's ``RUN_ERROR``
 (:mod:`netra.agui._stream`).
 
+A body with ``resume`` entries is checked against the runs paused at an
+interrupt (:meth:`netra.agui._runs.AguiRuns.plan`) before the stream, so a
+resume that answers nothing, leaves an interrupt unanswered or edits a call
+with arguments that do not fit is refused with nothing decided. Entries
+that only abandon (``cancelled``) interrupts that no longer wait change
+nothing either way: such a body with a user message is an ordinary run.
+
 A browser front end on another origin (listed in ``allowed_origins``) gets
 the CORS headers it needs, preflight included; an Origin that is not
 allowed is refused as ``/ws`` refuses it.
@@ -32,8 +39,9 @@ from ..auth import Identity, bearer_token
 from ..errors import BadRequest, Busy, Forbidden, NetraError, NotFound, RateLimited, TooLarge, Unauthorized
 from ..hub import Hub
 from ..web.ws import origin_allowed
-from ._input import parse_run_input
-from ._stream import AguiStream, connection_refusal
+from ._input import RunRequest, parse_run_input
+from ._runs import connection_refusal
+from ._stream import AguiStream
 
 log = logging.getLogger("netra.agui")
 
@@ -104,12 +112,13 @@ class AguiEndpoint:
             run = parse_run_input(body, max_text_chars=hub.config.max_text_chars)
             if run.agent is not None and run.agent not in hub.agents:
                 raise NotFound(f"no agent named {run.agent!r}; known: {', '.join(a.name for a in hub.agents)}")
+            resuming = _resumes(hub, who, run)
             # a thread the store does not know is created, with the client's id, for this user;
             # one it knows is continued, and the run's store write checks it is this user's
-            new_thread = not await hub.store.history(run.thread_id, limit=1)
+            new_thread = not resuming and not await hub.store.history(run.thread_id, limit=1)
         except NetraError as exc:
             return _refusal(exc, cors)
-        stream = AguiStream(hub=hub, identity=who, request=run, new_thread=new_thread)
+        stream = AguiStream(hub=hub, identity=who, request=run, new_thread=new_thread, resuming=resuming)
         response = Response(stream, status=200, headers={**_SSE_HEADERS, **cors}, content_type="text/event-stream")
         response.timeout = None  # the run's own limits bound it, not quart's response timeout
         return response
@@ -149,6 +158,23 @@ class AguiEndpoint:
         if refusal is not None:
             raise refusal
         return who
+
+
+def _resumes(hub: Hub, who: Identity, run: RunRequest) -> bool:
+    """Whether the request resumes a paused run (planned: nothing is decided
+    yet) or starts one. A plan that does not hold is the request's refusal
+    (NotFound, BadRequest, RunInProgress); but entries that only abandon
+    (``cancelled``) what no longer waits change nothing, so with a user
+    message they are an ordinary run of that message."""
+    if not run.resume:
+        return False
+    try:
+        hub.agui.plan(who.user_id, run)
+    except NotFound:
+        if run.text is None or any(a.status != "cancelled" for a in run.resume):
+            raise
+        return False
+    return True
 
 
 async def _body(timeout_s: float) -> bytes:

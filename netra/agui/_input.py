@@ -9,6 +9,11 @@ and ``forwardedProps.agent`` / ``forwardedProps.multitask`` (as a ``/ws``
 ``user_message`` carries them). ``tools``, ``context`` and ``state`` are
 validated and otherwise left alone: netra's agents call netra's tools.
 
+An input with ``resume`` entries continues a run that ended at an interrupt
+(a tool call waiting for approval, see :mod:`netra.agui._interrupts`): its
+entries are read into answers, and its messages are not what it runs on, so
+a user message is then optional.
+
 Everything a client can send is answered with a :class:`netra.errors.NetraError`
 (400 or 413) or a :class:`RunRequest`; nothing else escapes, whatever the
 bytes. The pydantic models of ``ag_ui.core`` are the schema, so what netra
@@ -27,6 +32,7 @@ from ag_ui.core import RunAgentInput, TextPart, UserMessage
 
 from ..errors import BadRequest, TooLarge
 from ..protocol import Multitask
+from ._interrupts import ResumeAnswer, read_payload
 
 #: Thread ids an AG-UI client may choose: they become netra thread ids, so
 #: they must be safe in a URL path (``/api/threads/<id>``) and in a log line.
@@ -35,6 +41,9 @@ _MAX_ID_CHARS: Final = 128
 _MULTITASK: Final = ("reject", "enqueue", "interrupt")
 #: Validation errors named in a 400: enough to fix the request, bounded.
 _ERRORS_SHOWN: Final = 3
+#: Resume entries one input may carry: a run waits on a few calls at most.
+_MAX_RESUME: Final = 64
+_MAX_INTERRUPT_ID_CHARS: Final = 512
 
 
 @attrs.frozen(kw_only=True)
@@ -45,11 +54,15 @@ class RunRequest:
     #: The client's run id: echoed on the run's AG-UI events (netra's own
     #: run id travels in their metadata).
     run_id: str
-    text: str
+    #: The latest user message's text: what a new run answers. None only
+    #: with ``resume`` (a resumed run answers the message it began with).
+    text: str | None
     #: The user message's id: netra's client message id for the run.
     message_id: str | None
     agent: str | None = None
     multitask: Multitask | None = None
+    #: The answers to the interrupts of a paused run, in the input's order.
+    resume: tuple[ResumeAnswer, ...] = ()
 
 
 def parse_run_input(body: bytes | str, *, max_text_chars: int) -> RunRequest:
@@ -79,10 +92,13 @@ def _run_request(run_input: RunAgentInput, *, max_text_chars: int) -> RunRequest
     run_id = run_input.run_id
     if not 0 < len(run_id) <= _MAX_ID_CHARS:
         raise BadRequest(f"'runId' must be a non-empty string of at most {_MAX_ID_CHARS} characters")
-    if run_input.resume:
-        raise BadRequest("netra's runs never interrupt, so there is nothing to resume: send 'resume' empty")
+    resume = _resume(run_input)
     message = next((m for m in reversed(run_input.messages) if isinstance(m, UserMessage)), None)
     if message is None:
+        if resume:
+            agent, multitask = _forwarded(run_input.forwarded_props)
+            return RunRequest(thread_id=thread_id, run_id=run_id, text=None, message_id=None,
+                              agent=agent, multitask=multitask, resume=resume)  # fmt: skip
         raise BadRequest("'messages' has no user message: a run answers the latest one")
     if not 0 < len(message.id) <= _MAX_ID_CHARS:
         raise BadRequest(f"a message 'id' must be a non-empty string of at most {_MAX_ID_CHARS} characters")
@@ -94,8 +110,27 @@ def _run_request(run_input: RunAgentInput, *, max_text_chars: int) -> RunRequest
     agent, multitask = _forwarded(run_input.forwarded_props)
     return RunRequest(
         thread_id=thread_id, run_id=run_id, text=text, message_id=message.id,
-        agent=agent, multitask=multitask,
+        agent=agent, multitask=multitask, resume=resume,
     )
+
+
+def _resume(run_input: RunAgentInput) -> tuple[ResumeAnswer, ...]:
+    """The resume entries, each read into its answer (BadRequest otherwise)."""
+    entries = run_input.resume or []
+    if len(entries) > _MAX_RESUME:
+        raise BadRequest(f"'resume' has more than {_MAX_RESUME} entries")
+    answers, seen = [], set()
+    for entry in entries:
+        iid = entry.interrupt_id
+        if not 0 < len(iid) <= _MAX_INTERRUPT_ID_CHARS:
+            raise BadRequest(
+                f"an 'interruptId' must be a non-empty string of at most {_MAX_INTERRUPT_ID_CHARS} characters"
+            )
+        if iid in seen:
+            raise BadRequest(f"'resume' answers interrupt {iid[:140]!r} twice")
+        seen.add(iid)
+        answers.append(read_payload(iid, entry.status, entry.payload))
+    return tuple(answers)
 
 
 def _text_of(message: UserMessage) -> str:

@@ -25,8 +25,9 @@ Two owners share the work:
 - an :class:`Approver`, one per run, is what the agent loop awaits for each
   call that needs approval. While it waits the run holds no model slot and
   no tool slot (the loop holds neither between a model turn and a tool
-  call), but keeps its run slots: a waiting run still counts against its
-  user's runs. The run's own time limit is paused meanwhile, since a person
+  call), and gives its place in the global run capacity back (its
+  :class:`RunSlot`), but keeps its user's run slot: a waiting run still
+  counts against its user's runs. The run's own time limit is paused meanwhile, since a person
   deciding is not the run working; the wait has its own bound. Cancelling
   the run ends the wait at once, like any cancel.
 """
@@ -38,7 +39,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import attrs
 import trio
@@ -242,17 +243,22 @@ class Approver:
     timeout_s: float
     #: Observes how each approval ended (metrics); must not block.
     on_outcome: Callable[[str], None] = lambda outcome: None
+    #: The run's place in the global run capacity, given back while its
+    #: user decides (None: kept, as by a run outside a run table).
+    slot: RunSlot | None = None
     _pauses: int = 0
     _time_left: float = math.inf
 
     @classmethod
-    def for_run(cls, hub: Hub, run: Run, emit: Callable[[RunEvent], None]) -> Approver:
+    def for_run(
+        cls, hub: Hub, run: Run, emit: Callable[[RunEvent], None], slot: RunSlot | None = None
+    ) -> Approver:
         counter = hub.metrics.approvals
         return cls(
             board=hub.approvals, store=hub.store, user_id=run.user_id, run_id=run.id,
             thread_id=run.thread_id, scope=run.cancel_scope, emit=emit,
             timeout_s=hub.config.approval_timeout_s,
-            on_outcome=lambda outcome: counter.labels(outcome).inc(),
+            on_outcome=lambda outcome: counter.labels(outcome).inc(), slot=slot,
         )  # fmt: skip
 
     async def __call__(self, tool_call_id: str, tool: Tool, args: dict[str, Any]) -> Decision:
@@ -277,6 +283,8 @@ class Approver:
             ))  # fmt: skip
             with self._run_clock_paused(), trio.move_on_at(deadline):
                 await waiting.decided.wait()
+            if self._pauses == 0 and self.slot is not None:
+                await self.slot.take_back()  # may wait, as a run waits for capacity
         except trio.Cancelled:
             self.on_outcome("cancelled")  # the run records it as cancelled when it ends
             raise
@@ -310,6 +318,8 @@ class Approver:
         if self._pauses == 0:
             self._time_left = scope.deadline - trio.current_time()
             scope.deadline = math.inf
+            if self.slot is not None:
+                self.slot.give_back()
         self._pauses += 1
         try:
             yield
@@ -317,6 +327,16 @@ class Approver:
             self._pauses -= 1
             if self._pauses == 0 and math.isfinite(self._time_left):
                 scope.deadline = trio.current_time() + self._time_left
+
+
+class RunSlot(Protocol):
+    """A run's place in the global run capacity (this node's, and the
+    cluster's): a run waiting for its user holds no place another user's
+    run could use, but still counts against its own user's runs."""
+
+    def give_back(self) -> None: ...
+
+    async def take_back(self) -> None: ...
 
 
 def _epoch_ms(seconds: float) -> int:

@@ -114,7 +114,8 @@ class Config:
     tool_timeout_s: float = _doc("Default per tool call (a tool may declare its own).", default=30.0)
     approval_timeout_s: float = _doc(
         "How long a tool call that needs the user's approval waits for a decision; then it is denied "
-        "(reason `timeout`). The wait holds no model or tool slot and does not count against the run's time limit.",
+        "(reason `timeout`). The wait holds no model, tool or global run slot (only its user's) and does not count "
+        "against the run's time limit.",
         default=300.0,
     )
     model_first_chunk_timeout_s: float = _doc("Time to a model's first chunk.", default=60.0)

@@ -363,7 +363,9 @@ class RunTable:
                         tool_limiters=hub.tool_gates,
                         on_tool_call=self._count_tool_call,
                         on_model_turn=self._count_model_turn,
-                        approve=Approver.for_run(hub, run, lambda event: self.emit(run, event)),
+                        approve=Approver.for_run(
+                            hub, run, lambda event: self.emit(run, event), _GlobalPlace(self, run, held, shared)
+                        ),
                     )
                     # the run's own cancel scope carries its timeout too
                     timeout = run.agent.timeout_s or config.run_timeout_s
@@ -579,6 +581,41 @@ class RunTable:
         self.hub.model_turn(outcome).observe(total)
         if first is not None:
             m.model_first_event.observe(first)
+
+
+@attrs.define(eq=False)
+class _GlobalPlace:
+    """A run's place in the global capacity (``held`` and, in a cluster,
+    ``shared`` are the run's own lists of what it holds, so that its
+    ending releases exactly what it still has), given back while the run
+    waits for its user's approval (see netra.approvals.RunSlot)."""
+
+    table: RunTable
+    run: Run
+    held: list[trio.CapacityLimiter]
+    shared: list[tuple[Any, Any]]
+
+    def give_back(self) -> None:
+        limiter = self.table.hub.run_limiter
+        if limiter in self.held:
+            self.held.remove(limiter)
+            limiter.release_on_behalf_of(self.run)
+        cluster = self.table.hub.cluster
+        if cluster is not None:
+            mine = [(lim, lease) for lim, lease in self.shared if lim.name == "runs"]
+            for place in mine:
+                self.shared.remove(place)
+            cluster.give_back(mine)
+
+    async def take_back(self) -> None:
+        hub, run = self.table.hub, self.run
+        limiter = hub.run_limiter
+        if limiter not in self.held:
+            await limiter.acquire_on_behalf_of(run)
+            self.held.append(limiter)
+        cluster = hub.cluster
+        if cluster is not None and not any(lim.name == "runs" for lim, _ in self.shared):
+            self.shared += await cluster.take([cluster.limiter("runs", hub.config.max_runs)], lambda lim: None)
 
 
 def _ms_since(t0: float | None) -> int:

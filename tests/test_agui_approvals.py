@@ -87,10 +87,11 @@ async def test_a_call_waiting_for_approval_ends_the_stream_and_an_approval_resum
         assert (meta["run_id"], meta["tool_call_id"], meta["tool"]) == (run_id, "call_1", "transfer")
         assert interrupt["responseSchema"]["properties"]["args"]["properties"] == transfer.parameters["properties"]
 
-        # the response is over; the netra run is not: it waits, holding its run slot, owned by the server
+        # the response is over; the netra run is not: it waits, owned by the server, holding
+        # its user's run slot (not a global one: a run waiting for its user holds nothing others need)
         await trio.sleep(0.3)
         assert len(hub.approvals) == 1 and len(hub.agui) == 1
-        assert hub.snapshot()["runs_borrowed"] == 1
+        assert hub.snapshot()["runs_borrowed"] == 0 and hub.users["ann"].run_limiter.borrowed_tokens == 1
         stored = await stored_run(server, "ann", first["threadId"])
         assert stored.status == "running" and stored.approvals[0].status == "pending"
 

@@ -281,15 +281,17 @@ async def test_nobody_else_can_decide_and_the_run_still_waits(autojump_clock):
 # -- what a waiting run holds ---------------------------------------------------------
 
 
-async def test_a_waiting_run_holds_no_model_or_tool_slot_but_its_user_run_slot(autojump_clock):
-    config = dict(max_model_calls=1, max_runs_per_user=1)
+async def test_a_waiting_run_holds_no_model_tool_or_global_slot_but_its_user_run_slot(autojump_clock):
+    """max_runs 1: another user's runs go on while ann's waits for her (a
+    run waiting for its user must not hold what others need)."""
+    config = dict(max_model_calls=1, max_runs_per_user=1, max_runs=1)
     async with hub_with_tools(**config) as server:
         hub = server.hub
         async with server.connect(user_id="ann") as ann, server.connect(user_id="bo") as bo:
             asked = await ask(ann, '[[tool:launch {"count": 2}]]')
             snap = hub.snapshot()
-            assert (snap["model_borrowed"], snap["tools_borrowed"], snap["runs_borrowed"]) == (0, 0, 1)
-            # another user's run takes the one model slot, twice, and completes
+            assert (snap["model_borrowed"], snap["tools_borrowed"], snap["runs_borrowed"]) == (0, 0, 0)
+            # another user's run takes the one global and model slot, twice, and completes
             events = await bo.run('[[tool:calculator {"expression": "6*7"}]]')
             assert events[-1]["type"] == "agent_completed"
             # the same tool, for another user, runs while this call waits
@@ -303,7 +305,7 @@ async def test_a_waiting_run_holds_no_model_or_tool_slot_but_its_user_run_slot(a
             await trio.sleep(5)
             assert ann.received[-1]["type"] == "run_queued"
             await ann.send(decision(asked))
-            first = await until_terminal(ann)
+            first = await until_terminal(ann)  # it took its global place back to go on
             assert first[-1]["run_id"] == asked["run_id"] and first[-1]["type"] == "agent_completed"
             second = await until_terminal(ann)
             assert second[-1]["type"] == "agent_completed" and second[-1]["run_id"] == queued["run_id"]

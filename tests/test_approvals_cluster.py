@@ -64,3 +64,22 @@ async def test_a_decision_on_one_node_reaches_the_run_on_another(cluster_config)
                     "the user declined this call: no"
                 ]
         await settle(a.hub)
+
+
+async def test_a_run_waiting_for_approval_holds_no_place_in_the_clusters_run_capacity(cluster_config) -> None:
+    """max_runs 1 for the whole cluster: while ann's run waits on node a for
+    her decision, bo's runs on node b go on; once approved, ann's run takes
+    the place back and completes."""
+    ann, bo = uid("ann"), uid("bo")
+    with trio.fail_after(TEST_TIMEOUT):
+        make = lambda: cluster_config(max_runs=1)  # noqa: E731
+        async with two_nodes(make) as (a, b):
+            async with connect(a.ws_url, token_for(a, ann)) as on_a, connect(b.ws_url, token_for(b, bo)) as on_b:
+                run = on_a.run(TRANSFER)
+                asked = (await events_until(run, "approval_required"))[-1].raw
+                for _ in range(2):
+                    events = await on_b.collect("hello")
+                    assert [e.type for e in events][0] == "agent_started"  # not queued behind ann's wait
+                    assert events[-1].type == "agent_completed"
+                await on_a.decide(asked["run_id"], asked["tool_call_id"], approve=True)
+                assert [e async for e in run][-1].type == "agent_completed"

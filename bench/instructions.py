@@ -40,7 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _total(path: Path) -> int:
     total = 0
-    for f in path.parent.glob(path.name + "*"):
+    for f in [path, *path.parent.glob(path.name + ".*")]:
+        if not f.exists() or not (f == path or f.name[len(path.name) + 1:].isdigit()):
+            continue
         for line in f.read_text(errors="replace").splitlines():
             if line.startswith(("summary:", "totals:")):
                 total = max(total, int(line.split()[1]))
@@ -55,6 +57,9 @@ def main() -> None:
     p.add_argument("--store", choices=("none", "sqlite"), default="none")
     p.add_argument("--netra-root", type=Path, default=ROOT)
     p.add_argument("--out", type=Path, default=None, help="keep callgrind's output here")
+    p.add_argument("--cprofile", type=Path, default=None,
+                   help="instead of callgrind: run the server under cProfile (the whole process) and "
+                        "write its stats here, for which Python function")
     args = p.parse_args()
 
     secret = secrets.token_hex(16)
@@ -72,8 +77,11 @@ def main() -> None:
         env["NETRA_DATA_DIR"] = str(work / "data")
     else:
         env["NETRA_DATABASE_URL"] = "none"
-    cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-           *_servers.command("netra", port)]
+    serve = _servers.command("netra", port)
+    if args.cprofile:
+        cmd = [serve[0], "-m", "cProfile", "-o", str(args.cprofile.resolve()), *serve[1:]]
+    else:
+        cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", *serve]
     log = open(work / "server.log", "wb")
     proc = subprocess.Popen(cmd, cwd=args.netra_root, env=env, stdin=subprocess.DEVNULL, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -90,10 +98,12 @@ def main() -> None:
         t_warm, t_stop = t_go + args.warmup, t_go + args.warmup + args.duration
         worker.send(f"GO {t_go!r} {t_warm!r} {t_stop!r}")
         _sleep_until(t_warm)
-        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
+        if not args.cprofile:
+            subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
         _sleep_until(t_stop)
-        subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True, capture_output=True)
-        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+        if not args.cprofile:
+            subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True, capture_output=True)
+            subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
         result = worker.expect("RESULT", 400.0)
     finally:
         if worker is not None:
@@ -101,7 +111,7 @@ def main() -> None:
         _servers.stop(server, grace_s=60.0)
         log.close()
     runs = result["window_frames"] / EVENTS_PER_RUN
-    instr = _total(out)
+    instr = 0 if args.cprofile else _total(out)
     report = {"connections": args.connections, "store": args.store, "runs_in_window": runs,
               "instructions": instr, "kinstr_per_run": round(instr / runs / 1000, 1) if runs else None,
               "failed": result.get("failed"), "seq_errors": result.get("seq_errors"),

@@ -509,12 +509,17 @@ class RunTable:
             cancel_reason=(run.cancel_reason or "disconnect") if status == "cancelled" else None,
             tool_calls=tuple(loop.tool_calls) if loop else (),
         )
-        # shielded from the session's teardown, bounded by the store's timeout
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + self.hub.config.store_timeout_s):
-            try:
-                await self.hub.store.finish_run(outcome)
-            except NetraError as exc:  # store down, or the thread deleted meanwhile
-                log.warning("could not record the outcome of run %s: %s", run.id, exc.message)
+        finish_run = self.hub.store.finish_run
+        try:
+            if getattr(finish_run, "never_waits", False):
+                # it cannot be interrupted, so it needs no shield (a cancel scope a run)
+                await finish_run(outcome)
+            else:
+                # shielded from the session's teardown, bounded by the store's timeout
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + self.hub.config.store_timeout_s):
+                    await finish_run(outcome)
+        except NetraError as exc:  # store down, or the thread deleted meanwhile
+            log.warning("could not record the outcome of run %s: %s", run.id, exc.message)
 
     # -- bookkeeping --------------------------------------------------------------
 

@@ -9,6 +9,7 @@ nobody on the team wrote. ``ts`` is server time in integer epoch milliseconds.
 from __future__ import annotations
 
 import json
+import operator
 from types import MappingProxyType
 from typing import Any, ClassVar, Final, Literal
 
@@ -279,12 +280,15 @@ class ToolCompleted(RunEvent):
     error: str | None = None
 
     def fields(self) -> dict[str, Any]:
-        out = attrs.asdict(self, recurse=False)
+        out = {
+            "run_id": self.run_id, "thread_id": self.thread_id, "tool_call_id": self.tool_call_id,
+            "tool": self.tool, "duration_ms": self.duration_ms,
+        }
         # exactly one of result / error is on the wire
         if self.error is None:
-            del out["error"]
+            out["result"] = self.result
         else:
-            del out["result"]
+            out["error"] = self.error
         return out
 
 
@@ -412,7 +416,17 @@ def encode_event(event: Event, *, seq: int, ts: int) -> bytes:
     """Serialise one event, with its per-session ``seq`` and ``ts`` (epoch
     ms), to the UTF-8 JSON of a text frame."""
     obj = {"type": event.type, "seq": seq, "ts": ts}
-    obj.update(event_fields(event))
+    plan = _ENCODING.get(type(event))
+    if plan is None:  # a class with its own fields(), or not one of ours
+        obj.update(event_fields(event))
+    else:
+        names, values = plan[0], plan[1](event)
+        if None in values:
+            for name, value in zip(names, values):
+                if value is not None:
+                    obj[name] = value
+        else:
+            obj.update(zip(names, values))
     return _json.dumps(obj)
 
 
@@ -447,6 +461,15 @@ _EVENT_CLASSES: Final[dict[str, type]] = {
 _FIELD_NAMES: Final = MappingProxyType(
     {cls: tuple(f.name for f in attrs.fields(cls)) for cls in _EVENT_CLASSES.values()}
 )
+
+
+#: How encode_event reads each event class without a fields() of its own:
+#: its field names, and one getter for all their values (a tuple).
+_ENCODING: Final = MappingProxyType({
+    cls: (names, operator.attrgetter(*names) if len(names) > 1 else (lambda e, n=names[0]: (getattr(e, n),)))
+    for cls, names in _FIELD_NAMES.items()
+    if names and getattr(cls, "fields", None) is None
+})
 
 
 @attrs.frozen(kw_only=True)

@@ -30,7 +30,7 @@ from .agents import Agent, route
 from .approvals import Approver
 from .agents.runner import AgentLoop
 from .agents.supervisor import choose_agent, model_routes
-from .errors import Busy, InternalError, NetraError, NotFound, RunInProgress, RunTimeout
+from .errors import Busy, InternalError, LLMError, NetraError, NotFound, RunInProgress, RunTimeout
 from .limits import acquire_all, all_available, release_all
 from .models.base import ChatMessage
 from .protocol import (
@@ -349,6 +349,9 @@ class RunTable:
                         run_id=run.id, thread_id=run.thread_id, agent=run.agent.name,
                         message_id=run.message_id, ref=run.client_id,
                     ))
+                    # the run's own cancel scope carries its timeout too (and the model's deadlines)
+                    timeout = run.agent.timeout_s or config.run_timeout_s
+                    scope.deadline = deadline = run.exec_started + timeout if math.isfinite(timeout) else math.inf
                     loop = AgentLoop(
                         run_id=run.id,
                         thread_id=run.thread_id,
@@ -366,10 +369,9 @@ class RunTable:
                         approve=Approver.for_run(
                             hub, run, lambda event: self.emit(run, event), _GlobalPlace(self, run, held, shared)
                         ),
+                        run_scope=scope,
+                        run_deadline=deadline,
                     )
-                    # the run's own cancel scope carries its timeout too
-                    timeout = run.agent.timeout_s or config.run_timeout_s
-                    scope.deadline = run.exec_started + timeout if math.isfinite(timeout) else math.inf
                     history = await self._history(run)
                     text = await loop.execute(history, run.text)
                     hub.count_tokens(loop.usage)
@@ -385,7 +387,10 @@ class RunTable:
                     failure = InternalError("internal error")
             cancelled = scope.cancelled_caught and run.cancel_reason is not None
             if scope.cancelled_caught and not cancelled and failure is None:
-                failure = RunTimeout(f"the run exceeded its {run.agent.timeout_s or config.run_timeout_s:g}s limit")
+                if loop is not None and loop.model_timeout is not None:  # a model deadline, on the run's scope
+                    failure = LLMError(f"the model sent nothing for {loop.model_timeout:g}s")
+                else:
+                    failure = RunTimeout(f"the run exceeded its {run.agent.timeout_s or config.run_timeout_s:g}s limit")
             if failure is not None and not cancelled:
                 run.cause = failure.code
             # the outcome is stored before the terminal event is sent, so a
@@ -511,12 +516,17 @@ class RunTable:
             cancel_reason=(run.cancel_reason or "disconnect") if status == "cancelled" else None,
             tool_calls=tuple(loop.tool_calls) if loop else (),
         )
-        # shielded from the session's teardown, bounded by the store's timeout
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + self.hub.config.store_timeout_s):
-            try:
-                await self.hub.store.finish_run(outcome)
-            except NetraError as exc:  # store down, or the thread deleted meanwhile
-                log.warning("could not record the outcome of run %s: %s", run.id, exc.message)
+        finish_run = self.hub.store.finish_run
+        try:
+            if getattr(finish_run, "never_waits", False):
+                # it cannot be interrupted, so it needs no shield (a cancel scope a run)
+                await finish_run(outcome)
+            else:
+                # shielded from the session's teardown, bounded by the store's timeout
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + self.hub.config.store_timeout_s):
+                    await finish_run(outcome)
+        except NetraError as exc:  # store down, or the thread deleted meanwhile
+            log.warning("could not record the outcome of run %s: %s", run.id, exc.message)
 
     # -- bookkeeping --------------------------------------------------------------
 

@@ -212,7 +212,7 @@ async def test_no_decision_in_time_is_a_denial_with_reason_timeout(autojump_cloc
 
 
 async def test_the_wait_does_not_count_against_the_runs_time_limit(autojump_clock):
-    async with hub_with_tools(run_timeout_s=10.0) as server:
+    async with hub_with_tools(run_timeout_s=10.0, scripted_delay_ms=50) as server:  # the answer after the wait streams
         async with server.connect(user_id="ann") as ann:
             asked = await ask(ann)
             await trio.sleep(120)

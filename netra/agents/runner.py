@@ -12,6 +12,7 @@ run goes on); a model failure ends the run with ``llm_error``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -87,6 +88,17 @@ class AgentLoop:
     #: the model's arguments) and waits for the decision; None: nobody can
     #: be asked, so such calls are refused (see netra.approvals).
     approve: Callable[[str, Tool, dict[str, Any]], Awaitable[Decision]] | None = None
+    #: The run's own cancel scope, entered around :meth:`execute` by the
+    #: caller: a model turn's deadlines (first chunk, idle) then move its
+    #: deadline instead of entering a scope of their own (a scope costs
+    #: several times a deadline move), and it goes back to ``run_deadline``
+    #: after the turn. When that scope is cancelled by a model deadline,
+    #: :attr:`model_timeout` says so and the caller reports an LLMError.
+    #: None: each turn has its own scope.
+    run_scope: trio.CancelScope | None = None
+    run_deadline: float = math.inf
+    #: The model deadline that cancelled ``run_scope`` (seconds), if one did.
+    model_timeout: float | None = None
 
     text_parts: list[str] = attrs.field(factory=list)
     #: Token counts the model reported; None while it reported none (unknown,
@@ -123,6 +135,9 @@ class AgentLoop:
                 async with trio.open_nursery() as nursery:
                     for call in calls:
                         nursery.start_soon(self._tool_call, call, results)
+            if self.run_scope is not None:
+                # a wait for the user's approval moved the run's deadline on by the wait
+                self.run_deadline = self.run_scope.deadline
             if self._edited:  # the user changed some arguments: the model is told the calls that ran
                 messages[-1] = attrs.evolve(messages[-1], tool_calls=tuple(
                     attrs.evolve(c, arguments=self._edited.pop(c.id, c.arguments)) for c in calls
@@ -147,6 +162,9 @@ class AgentLoop:
         first: float | None = None
         outcome = "error"
         limiter = self.model_limiter
+        run_scope, run_deadline = self.run_scope, self.run_deadline
+        timed_out = False
+        armed = math.inf
         try:
             try:
                 limiter.acquire_nowait()
@@ -156,7 +174,12 @@ class AgentLoop:
                 started = now = trio.current_time()
                 armed = now + timeout
                 slack = timeout * 0.01
-                with trio.CancelScope(deadline=armed) as waiting:
+                # the turn's deadline: on the run's scope (the earlier of the
+                # two wins), or on a scope of its own
+                waiting = trio.CancelScope(deadline=armed) if run_scope is None else run_scope
+                if run_scope is not None and armed < run_deadline:
+                    run_scope.deadline = armed
+                with waiting if run_scope is None else _NO_SCOPE:
                     async with self.model.stream(request) as events:
                         async for event in events:
                             now = trio.current_time()
@@ -164,21 +187,35 @@ class AgentLoop:
                                 first = now - started
                                 timeout = self.limits.idle_timeout_s
                                 slack = timeout * 0.01
-                                waiting.deadline = armed = now + timeout
+                                armed = now + timeout
+                                if armed < run_deadline or waiting.deadline != run_deadline:
+                                    waiting.deadline = min(armed, run_deadline)
                             elif now + timeout - armed > slack:
-                                waiting.deadline = armed = now + timeout
+                                armed = now + timeout
+                                if armed < run_deadline or waiting.deadline != run_deadline:
+                                    waiting.deadline = min(armed, run_deadline)
                             self._handle(event, step, calls, turn_text)
             finally:
                 limiter.release()
-            outcome = "timeout" if waiting.cancelled_caught else "ok"
+            timed_out = waiting.cancelled_caught
+            outcome = "timeout" if timed_out else "ok"
         except trio.Cancelled:
-            outcome = "cancelled"
+            # on the run's scope, a model deadline that passed (before the
+            # run's own) is this turn timing out, whoever catches it
+            if run_scope is not None and armed < run_deadline and run_scope.cancel_called \
+                    and trio.current_time() >= armed:
+                self.model_timeout = timeout
+                outcome = "timeout"
+            else:
+                outcome = "cancelled"
             raise
         finally:
             if started is not None:
                 self.on_model_turn(outcome, first, trio.current_time() - started)
-        if waiting.cancelled_caught:
+        if timed_out:
             raise LLMError(f"the model sent nothing for {timeout:g}s")
+        if run_scope is not None and calls and run_scope.deadline != run_deadline:
+            run_scope.deadline = run_deadline  # tools run under the run's deadline only (a last turn keeps it)
         if self._announced_step != step:  # at least one agent_thinking per step
             self._announced_step = step
             self.emit(self._thinking("", step))
@@ -342,6 +379,10 @@ class AgentLoop:
             error=error,
             duration_ms=round((time.monotonic() - started) * 1000),
         )
+
+
+#: Stands for the turn's own scope when the turn uses the run's.
+_NO_SCOPE = contextlib.nullcontext()
 
 
 def _bounded(result: Any, limit: int) -> Any:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import json
+from json.encoder import encode_basestring_ascii as _json_string
 from collections import OrderedDict
 from typing import Any
 
@@ -55,6 +56,21 @@ def _as_json(value: Any) -> tuple[Any, int]:
     """What a SQL store gives back for a tool's args or result: JSON values
     only (odd objects as strings), never the caller's own mutable object;
     and its size in characters."""
+    # The usual shapes (a number, a string, an object of strings: a tool's
+    # arguments) without a round trip through text: the same value and size.
+    kind = type(value)
+    if kind is int:
+        return value, len(int.__repr__(value))
+    if kind is str:
+        return value, len(_json_string(value))
+    if kind is dict and len(value) <= 8:
+        size = 2 * len(value)  # the braces, and ", " between the items
+        for key, item in value.items():
+            if type(key) is not str or type(item) is not str:
+                break
+            size += len(_json_string(key)) + len(_json_string(item)) + 2  # and ": "
+        else:
+            return dict(value), size if value else 2
     text = json.dumps(value, default=str)
     return json.loads(text), len(text)
 
@@ -250,6 +266,11 @@ class MemoryStore:
         self._threads.move_to_end(thread.id)
         self._charge(thread, run.id, chars)
         self._shed(thread)
+
+    #: It returns without a checkpoint (nothing here waits), so a caller
+    #: recording an outcome during a teardown needs no shield around it. A
+    #: subclass overriding finish_run does not inherit this.
+    finish_run.never_waits = True  # type: ignore[attr-defined]
 
     async def record_approval(self, approval: ApprovalRecord) -> None:
         self._check_open()

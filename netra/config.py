@@ -265,14 +265,21 @@ _FIELDS: dict[str, attrs.Attribute] = {f.name: f for f in attrs.fields(Config)}
 _RENAMED: dict[str, str] = {"slow_consumer_timeout_s": "write_timeout_s"}
 
 #: NETRA_* variables that are not server settings (the clients' and the tests').
-_NOT_SETTINGS = frozenset({"NETRA_TOKEN", "NETRA_URL", "NETRA_CONFIG", "NETRA_TEST_DATABASE_URL"})
+_NOT_SETTINGS = frozenset({"NETRA_TOKEN", "NETRA_URL", "NETRA_CONFIG"})
+#: Variables of netra's own tests and benchmarks (their databases and Redis).
+_NOT_SETTINGS_PREFIXES = ("NETRA_TEST_", "NETRA_BENCH_")
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """NETRA_* variables that name no setting: most likely misspelt, and
     otherwise silently ignored (``netra serve`` warns about them)."""
     known = {f"NETRA_{name.upper()}" for name in (*_FIELDS, *_RENAMED)} | _NOT_SETTINGS
-    return sorted(k for k in environ if k.startswith("NETRA_") and k not in known)
+    return sorted(
+        k for k in environ
+        if k.startswith("NETRA_") and k not in known and not k.startswith(_NOT_SETTINGS_PREFIXES)
+    )
+
+
 _TYPES = typing.get_type_hints(Config)
 
 
